@@ -1,0 +1,145 @@
+"""Tiny random models built from configs and saved to temp dirs, as transformers' own tests do.
+
+Nothing here touches the network: HF_HUB_OFFLINE is forced on for the whole session.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220)}
+CORPUS = [
+    "What is shown in this image? Describe this image. This image shows red green blue.",
+    "a photo of a cat dog bird shape circle square triangle the color of the object is",
+    "pneumonia normal chest x-ray leaf healthy rust scab defect scratch dent ok",
+] * 20
+
+
+def train_tokenizer(chat_template: str | None = CHATML, with_pad: bool = True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"] + (["<pad>"] if with_pad else [])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>" if chat_template else "<|endoftext|>",
+        pad_token="<pad>" if with_pad else None,
+    )
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def llm_config(family: str, vocab_size: int):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        )
+    if family == "qwen2":
+        return Qwen2Config(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        )
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    raise ValueError(family)
+
+
+def save_llm(path: str, family: str = "llama", chat_template: str | None = CHATML, with_pad: bool = True) -> str:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(chat_template, with_pad)
+    model = AutoModelForCausalLM.from_config(llm_config(family, len(tokenizer)))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_vision(path: str, family: str = "vit") -> str:
+    from transformers import (
+        CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel,
+        ViTConfig, ViTImageProcessor, ViTModel,
+    )
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if family == "vit":
+        model = ViTModel(ViTConfig(image_size=32, patch_size=8, **common), add_pooling_layer=False)
+    elif family == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **common))
+    elif family == "siglip":
+        model = SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, **common))
+    elif family == "dinov2":
+        model = Dinov2Model(Dinov2Config(image_size=32, patch_size=8, num_register_tokens=0, **common))
+    else:
+        raise ValueError(family)
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llm_dir(tmp_path_factory) -> str:
+    return save_llm(str(tmp_path_factory.mktemp("llama")), "llama")
+
+
+@pytest.fixture(scope="session")
+def vit_dir(tmp_path_factory) -> str:
+    return save_vision(str(tmp_path_factory.mktemp("vit")), "vit")
+
+
+def colour_image(name: str, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """A coloured square on a noisy grey background: a tiny task a random encoder can separate."""
+    array = rng.integers(90, 140, size=(size, size, 3)).astype(np.uint8)
+    lo, hi = rng.integers(2, 10), rng.integers(22, 30)
+    array[lo:hi, lo:hi] = np.clip(np.array(COLOURS[name]) + rng.integers(-20, 20, 3), 0, 255)
+    return Image.fromarray(array)
+
+
+def colour_dataset(n_per_class: int, seed: int = 0):
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    rows = [(colour_image(name, rng), i) for i, name in enumerate(names) for _ in range(n_per_class)]
+    return datasets.Dataset.from_dict(
+        {"image": [r[0] for r in rows], "label": [r[1] for r in rows]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)}),
+    )
+
+
+@pytest.fixture(scope="session")
+def colours():
+    return colour_dataset(24, seed=0), colour_dataset(10, seed=1)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> str:
+    path = str(tmp_path / "cache")
+    monkeypatch.setenv("VLM_ADAPTERS_CACHE", path)
+    return path

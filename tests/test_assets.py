@@ -1,0 +1,202 @@
+"""Tests for the offline assets: Fashion-MNIST, EfficientNet-Lite0 and the converted SmolLM2.
+
+No network: everything is read from installed packages and local folders. The SmolLM2 conversion
+(~20-30 s) runs once into the shared cache (`VLM_ADAPTERS_CACHE` or ~/.cache/vlm_adapters) and is
+reused by later runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlm_adapters import assets
+from vlm_adapters.assets import (
+    FASHION_MNIST_LABELS,
+    build_folder_atomically,
+    efficientnet_lite0,
+    fashion_mnist,
+    smollm2_instruct,
+)
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.isdir(assets.FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist"
+)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> str:
+    """The real asset cache, so the one slow conversion is shared by every run."""
+    return assets.cache_root()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(cache_dir: str) -> str:
+    return smollm2_instruct(cache_dir)
+
+
+# --- Fashion-MNIST ---------------------------------------------------------------------------
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_features() -> None:
+    import datasets
+
+    ds = fashion_mnist(per_class=2)
+    assert isinstance(ds.features["image"], datasets.Image)
+    assert isinstance(ds.features["label"], datasets.ClassLabel)
+    assert ds.features["label"].names == FASHION_MNIST_LABELS
+    image = ds[0]["image"]
+    assert isinstance(image, Image.Image) and image.mode == "L" and image.size == (28, 28)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_per_class_is_balanced_and_seeded() -> None:
+    ds = fashion_mnist(per_class=7, seed=3)
+    assert len(ds) == 70
+    assert np.bincount(ds["label"], minlength=10).tolist() == [7] * 10
+
+    def pixels(d):
+        return np.stack([np.asarray(row["image"]) for row in d])
+
+    again = fashion_mnist(per_class=7, seed=3)
+    assert again["label"] == ds["label"]
+    np.testing.assert_array_equal(pixels(again), pixels(ds))
+    assert not np.array_equal(pixels(fashion_mnist(per_class=7, seed=4)), pixels(ds))
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_test_split_is_t10k() -> None:
+    ds = fashion_mnist("test")
+    assert len(ds) == 10_000
+    assert np.bincount(ds["label"], minlength=10).tolist() == [1000] * 10
+
+
+def test_fashion_mnist_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist(root=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="split"):
+        fashion_mnist("validation")
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_per_class_too_large() -> None:
+    with pytest.raises(ValueError, match="per_class"):
+        fashion_mnist("test", per_class=1001)
+
+
+# --- EfficientNet-Lite0 ----------------------------------------------------------------------
+
+
+def test_efficientnet_lite0_feature_map_and_safetensors_cache(tmp_path, monkeypatch) -> None:
+    encoder, processor = efficientnet_lite0(cache_dir=str(tmp_path))
+    cached = tmp_path / assets.EFFICIENTNET_LITE0_FILE
+    assert cached.is_file()
+    assert not encoder.training and encoder.num_channels == 1280
+
+    # A grayscale (Fashion-MNIST-like) and an RGB image of other sizes both come out as [3, 224, 224].
+    images = [Image.new("L", (28, 28), 200), Image.new("RGB", (320, 240), (10, 120, 250))]
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (2, 3, 224, 224)
+    with torch.no_grad():
+        features = encoder(pixel_values)
+    assert features.shape == (2, 1280, 7, 7)
+
+    # The second load reads only the safetensors file: unpickling would fail here.
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load called although the safetensors cache exists")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    encoder2, _ = efficientnet_lite0(cache_dir=str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder2(pixel_values), features)
+
+
+def test_efficientnet_lite0_normalisation_is_x_minus_127_over_128(tmp_path) -> None:
+    _, processor = efficientnet_lite0(cache_dir=str(tmp_path))
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    array = np.stack([ramp, ramp[::-1], ramp.T], axis=-1)
+    out = processor(images=Image.fromarray(array), do_resize=False, return_tensors="pt")["pixel_values"][0]
+    expected = (torch.from_numpy(array).permute(2, 0, 1).double() - 127) / 128
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_efficientnet_lite0_recognises_a_cat(tmp_path) -> None:
+    """ImageNet top-1 on a real photo: proves the weights and the normalisation are the right ones."""
+    data = pytest.importorskip("skimage.data")
+    encoder, processor = efficientnet_lite0(cache_dir=str(tmp_path))
+    pixel_values = processor(images=Image.fromarray(data.chelsea()), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        top1 = encoder.classify(pixel_values).argmax(-1).item()
+    assert 281 <= top1 <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+# --- SmolLM2-135M-Instruct -------------------------------------------------------------------
+
+
+def test_smollm2_instruct_folder_loads_offline(smollm2_path: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json"):
+        assert os.path.isfile(os.path.join(smollm2_path, name)), name
+    with open(os.path.join(smollm2_path, "config.json")) as handle:
+        assert "quantization_config" not in json.load(handle)  # a plain float checkpoint, not GGUF
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, local_files_only=True)
+    assert tokenizer.chat_template is not None
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token is not None and tokenizer.pad_token_id < model.config.vocab_size
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert ids["input_ids"].shape[0] == 1
+
+    # Real weights: plain English is far more likely than under a random model (NLL ~ ln 49152 = 10.8).
+    sentence = tokenizer("The capital of France is Paris. It is a large city in Europe.", return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**sentence, labels=sentence["input_ids"]).loss.item()
+    assert loss < 5.0
+
+
+def test_smollm2_instruct_reuses_cache(smollm2_path: str, cache_dir: str) -> None:
+    start = time.perf_counter()
+    assert smollm2_instruct(cache_dir) == smollm2_path
+    assert time.perf_counter() - start < 1.0
+
+
+# --- atomic folder writes --------------------------------------------------------------------
+
+
+def test_build_folder_atomically(tmp_path) -> None:
+    target = str(tmp_path / "asset")
+
+    def complete(folder: str) -> bool:
+        return os.path.isfile(os.path.join(folder, "done"))
+
+    def broken(folder: str) -> None:
+        open(os.path.join(folder, "half"), "w").close()
+        raise KeyboardInterrupt  # an interrupted conversion
+
+    with pytest.raises(KeyboardInterrupt):
+        build_folder_atomically(target, broken, complete)
+    assert os.listdir(tmp_path) == []  # neither the target nor the temp folder is left
+
+    def good(folder: str) -> None:
+        open(os.path.join(folder, "done"), "w").close()
+
+    os.makedirs(target)  # an incomplete folder from older code is replaced
+    assert build_folder_atomically(target, good, complete) == target
+    assert complete(target) and os.listdir(tmp_path) == ["asset"]

@@ -1,0 +1,139 @@
+"""attach / forward / classify / describe on tiny random models in real NF4 (bitsandbytes on CPU)."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import colour_dataset, save_llm
+from peft import PeftModel
+
+from vlm_adapters import VisionLanguageModel, VLMCollator, attach
+from vlm_adapters.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID
+
+LABELS = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    ds = colour_dataset(2, seed=3)
+    return [ds[i]["image"] for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_attach_loads_llm_in_nf4_with_lora(tmp_path, vit_dir, family):
+    llm_dir = save_llm(str(tmp_path / family), family)
+    model = attach(vit_dir, llm_dir, adapter="lora")
+    assert isinstance(model, VisionLanguageModel)
+    linear4bit = [m for m in model.base_llm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linear4bit, "the LLM's linear layers should be bitsandbytes 4-bit"
+    assert {m.weight.quant_type for m in linear4bit} == {"nf4"}
+    assert isinstance(model.llm, PeftModel)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in n) or n.startswith("projector.") for n in trainable)
+    assert any(n.startswith("projector.") for n in trainable)
+    # vision tower frozen, in eval mode even after model.train(), never quantized
+    model.train()
+    assert not model.vision.training and not any(p.requires_grad for p in model.vision.parameters())
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.vision.modules())
+    assert all(p.dtype == torch.float32 for p in model.projector.parameters())
+
+
+def test_quantization_none_and_linear_projector(llm_dir, vit_dir):
+    model = attach(vit_dir, llm_dir, quantization=None, projector="linear", adapter="none")
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert isinstance(model.projector.proj, torch.nn.Linear)
+    assert not isinstance(model.llm, PeftModel)
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"projector"}
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+def test_classify_contract(llm_dir, vit_dir, images, adapter):
+    model = attach(vit_dir, llm_dir, adapter=adapter)
+    one = model.classify(images[0], LABELS)
+    assert isinstance(one, dict) and set(one) == set(LABELS)
+    assert sum(one.values()) == pytest.approx(1.0, abs=1e-5)
+    assert list(one.values()) == sorted(one.values(), reverse=True)
+    many = model.classify(images[:3], LABELS)
+    assert isinstance(many, list) and len(many) == 3
+    assert many[0] == pytest.approx(one, abs=1e-5)  # batching does not change the answer
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+def test_label_scoring_equals_full_sequence_likelihood(llm_dir, vit_dir, images, adapter):
+    """Shared-prefix scoring (one prefill, K candidates against the cache) must equal scoring each
+    full sequence separately, including multi-token labels of different lengths."""
+    model = attach(vit_dir, llm_dir, adapter=adapter)
+    labels = ["red", "a photo of a cat", "green shape"]
+    features = model.vision.encode_images(images[:2])
+    fast = model.score_labels(features, labels, "What is shown in this image?")
+    model.eval()
+    for i in range(2):
+        for k, label in enumerate(labels):
+            enc = model.prompts.encode("What is shown in this image?", label)
+            ids = torch.tensor([enc.input_ids])
+            with torch.no_grad():
+                logits = model.llm(
+                    inputs_embeds=model.embed(ids, model.image_embeddings(image_features=features[i : i + 1])),
+                    attention_mask=torch.ones_like(ids),
+                    position_ids=torch.arange(ids.shape[1])[None],
+                ).logits[0]
+            labels_t = torch.tensor(enc.labels)
+            positions = (labels_t != IGNORE_INDEX).nonzero().squeeze(1)
+            logp = logits[positions - 1].float().log_softmax(-1).gather(1, labels_t[positions, None]).sum()
+            assert fast[i, k].item() == pytest.approx(logp.item(), abs=2e-3)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+def test_describe_returns_text(llm_dir, vit_dir, images, adapter):
+    model = attach(vit_dir, llm_dir, adapter=adapter)
+    text = model.describe(images[0], max_new_tokens=6)
+    assert isinstance(text, str)
+    texts = model.describe(images[:2], max_new_tokens=6)
+    assert isinstance(texts, list) and len(texts) == 2 and texts[0] == text
+
+
+def test_forward_loss_only_on_answer_tokens_and_plain_torch_loop(llm_dir, vit_dir):
+    model = attach(vit_dir, llm_dir)
+    ds = colour_dataset(4, seed=5)
+    batch = VLMCollator(model, LABELS)([ds[i] for i in range(6)])
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert int((ids == IMAGE_TOKEN_ID).sum()) == 6 * model.projector.num_image_tokens
+    assert (labels[ids == IMAGE_TOKEN_ID] == IGNORE_INDEX).all()
+    assert (labels[batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    answer_tokens = labels != IGNORE_INDEX
+    name_ids = model.prompts.answer_ids(LABELS[ds[0]["label"]])
+    assert labels[0][answer_tokens[0]].tolist() == list(name_ids)
+    out = model(**batch)
+    assert out.logits.shape[0] == int(answer_tokens.sum())  # logits only where supervised
+    # a user's own PyTorch loop: the loss falls on a fixed batch
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(**batch).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_pixel_values_and_cached_features_give_the_same_loss(llm_dir, vit_dir):
+    model = attach(vit_dir, llm_dir).eval()
+    ds = colour_dataset(2, seed=6)
+    examples = [ds[i] for i in range(4)]
+    pixel_batch = VLMCollator(model, LABELS)(examples)
+    features = model.vision.encode_images([ex["image"] for ex in examples])
+    feature_batch = VLMCollator(model, LABELS)(
+        [{"image_features": f, "label": ex["label"]} for f, ex in zip(features, examples)]
+    )
+    with torch.no_grad():
+        assert model(**pixel_batch).loss.item() == pytest.approx(model(**feature_batch).loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("pooling,tokens", [("avg", 4), ("pixel_shuffle", 4), ("avg", 3)])
+def test_projector_pooling_reduces_image_tokens(llm_dir, vit_dir, images, pooling, tokens):
+    model = attach(vit_dir, llm_dir, num_image_tokens=tokens, pooling=pooling)
+    embeds = model.image_embeddings(image_features=model.vision.encode_images(images[:2]))
+    assert embeds.shape == (2, tokens, model.config.llm_signature["hidden_size"])
+    assert model.classify(images[0], LABELS)

@@ -1,0 +1,24 @@
+"""vlm_adapters: attach a frozen vision encoder to a 4-bit LLM with LoRA or prefix adapters."""
+
+from .attach import attach
+from .config import AdapterConfig
+from .data import VLMCollator
+from .hub import AdapterLoadError, load
+from .images import ImageLoadError, load_image
+from .model import VisionLanguageModel
+from .prompting import PromptTooLongError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterLoadError",
+    "ImageLoadError",
+    "PromptTooLongError",
+    "VLMCollator",
+    "VisionLanguageModel",
+    "__version__",
+    "attach",
+    "load",
+    "load_image",
+]

@@ -1,0 +1,137 @@
+"""`attach`: put a trainable projector and a PEFT adapter between a frozen encoder and an LLM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import AdapterConfig
+from .language import add_adapter, is_quantized, load_llm, resolve_device
+from .model import VisionLanguageModel
+from .projector import Projector
+from .vision import Preprocessor, VisionTower
+
+
+def build_vision(
+    vision: str | nn.Module, config: AdapterConfig, image_processor: Preprocessor | None, trust_remote_code: bool
+) -> VisionTower:
+    if isinstance(vision, VisionTower):
+        return vision
+    if isinstance(vision, str):
+        return VisionTower.from_pretrained(
+            vision,
+            revision=config.vision_revision,
+            image_processor=image_processor,
+            feature_layer=config.vision_feature_layer,
+            trust_remote_code=trust_remote_code,
+        )
+    if isinstance(vision, nn.Module):
+        return VisionTower(vision, image_processor, config.vision_feature_layer, config.image_size)
+    raise TypeError(f"vision must be a Hub id, a local path or a torch module; got {type(vision).__name__}.")
+
+
+def build_llm(
+    llm: str | PreTrainedModel, config: AdapterConfig, device: torch.device, trust_remote_code: bool
+) -> PreTrainedModel:
+    if isinstance(llm, str):
+        return load_llm(llm, config, device, trust_remote_code=trust_remote_code)
+    if isinstance(llm, PreTrainedModel):
+        return llm
+    raise TypeError(f"llm must be a Hub id, a local path or a transformers PreTrainedModel; got {type(llm).__name__}.")
+
+
+def vision_signature(vision: VisionTower) -> dict[str, Any]:
+    """Token count and width from one dry run on a blank image (the processor resizes it): works
+    for every encoder kind without knowing its architecture."""
+    tokens = vision.encode_images([Image.new("RGB", (224, 224))])
+    return {"num_tokens": int(tokens.shape[1]), "hidden_size": int(tokens.shape[2])}
+
+
+def llm_signature(llm: PreTrainedModel) -> dict[str, Any]:
+    config = llm.config.get_text_config()
+    return {
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def assemble(
+    config: AdapterConfig,
+    vision: str | nn.Module,
+    llm: str | PreTrainedModel,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None,
+    image_processor: Preprocessor | None,
+    device: str | torch.device | None,
+    trust_remote_code: bool,
+) -> tuple[VisionTower, Projector, PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load both bases and a fresh projector; shared by `attach` and `load`."""
+    device = resolve_device(device)
+    tower = build_vision(vision, config, image_processor, trust_remote_code).to(device)
+    base = build_llm(llm, config, device, trust_remote_code)
+    if tokenizer is None:
+        source = config.llm or getattr(base, "name_or_path", None)
+        if not source:
+            raise ValueError("the llm was passed as a module without a name; pass tokenizer= as well.")
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=config.llm_revision, trust_remote_code=trust_remote_code)
+    signature = vision_signature(tower)
+    projector = Projector(
+        signature["hidden_size"],
+        llm_signature(base)["hidden_size"],
+        config.projector,
+        num_vision_tokens=signature["num_tokens"],
+        num_image_tokens=config.num_image_tokens,
+        pooling=config.pooling,
+    ).to(device)
+    config.vision_signature, config.llm_signature = signature, llm_signature(base)
+    if isinstance(llm, PreTrainedModel) and config.quantization is not None and not is_quantized(llm):
+        config.quantization = None  # an in-memory model is used as given; record what it really is
+    return tower, projector, base, tokenizer
+
+
+def attach(
+    vision: str | nn.Module,
+    llm: str | PreTrainedModel,
+    *,
+    adapter: str = "lora",
+    quantization: str | None = "nf4",
+    projector: str = "mlp2x_gelu",
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    image_processor: Preprocessor | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+    seed: int | None = 0,
+    **options: Any,
+) -> VisionLanguageModel:
+    """Freeze `vision`, load `llm` (NF4 by default), add a projector and a LoRA / prefix adapter.
+
+    `vision` and `llm` are Hub ids, local folders or already-loaded modules. Further options are
+    the fields of `AdapterConfig` (e.g. `vision_feature_layer=-2`, `num_image_tokens=16`,
+    `lora_r=16`, `num_prefix_tokens=16`, `compute_dtype="bfloat16"`, `system_prompt=...`).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)  # the projector and adapter initialisations are then reproducible
+    config = AdapterConfig(
+        vision=vision if isinstance(vision, str) else None,
+        llm=llm if isinstance(llm, str) else None,
+        adapter=adapter,
+        quantization=quantization,
+        projector=projector,
+        **options,
+    )
+    tower, proj, base, tokenizer = assemble(
+        config,
+        vision,
+        llm,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
+    return VisionLanguageModel(config, tower, proj, add_adapter(base, config), tokenizer)

@@ -1,0 +1,311 @@
+"""`VisionLanguageModel`: frozen encoder -> trainable projector -> LLM with a PEFT adapter.
+
+The forward pass splices projected patch embeddings into `inputs_embeds` at the image
+placeholders and computes logits only where the labels supervise (the answer), not over the
+whole sequence x vocabulary. `classify` and `describe` run their own small decoding loops:
+one prefill of image + prompt, then every candidate label scored against that shared KV cache
+(or greedy steps), which works the same for LoRA and for PEFT prefix tuning (whose
+`generate(inputs_embeds=...)` fails).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+from peft import PeftModel
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import AdapterConfig
+from .images import ImageInput
+from .projector import Projector
+from .prompting import IGNORE_INDEX, IMAGE_TOKEN_ID, PromptBuilder
+from .vision import VisionTower
+
+T = TypeVar("T")
+
+
+def context_length(llm: PreTrainedModel) -> int:
+    config = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _inference(method: Callable[..., T]) -> Callable[..., T]:
+    """Run in eval mode without autograd (bitsandbytes and dropout behave differently in train mode)."""
+
+    @functools.wraps(method)
+    def wrapper(self: VisionLanguageModel, *args: Any, **kwargs: Any) -> T:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return method(self, *args, **kwargs)
+        finally:
+            self.train(was_training)
+
+    return wrapper
+
+
+class VisionLanguageModel(nn.Module):
+    """What `attach` returns. Trainable parts: `projector` and the PEFT adapter inside `llm`."""
+
+    def __init__(
+        self,
+        config: AdapterConfig,
+        vision: VisionTower,
+        projector: Projector,
+        llm: PreTrainedModel | PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.prompts = PromptBuilder(
+            tokenizer, projector.num_image_tokens, context_length(self.base_llm), config.system_prompt
+        )
+        self.pad_token_id = next(
+            (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
+        )
+        self.stop_token_ids = {i for i in (tokenizer.eos_token_id, *self.prompts.answer_ids("")) if i is not None}
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def base_llm(self) -> PreTrainedModel:
+        """The transformers model (LoRA layers live inside it; a prefix lives in the PEFT wrapper)."""
+        return self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.config.num_prefix_tokens if self.config.adapter == "prefix" else 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_llm.get_input_embeddings().weight.device
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            "projector": [p for p in self.projector.parameters() if p.requires_grad],
+            "adapter": [p for p in self.llm.parameters() if p.requires_grad],
+        }
+
+    def set_stage(self, stage: str) -> None:
+        """'align' trains the projector only (LLaVA stage 1); 'finetune' trains projector + adapter."""
+        if stage not in ("align", "finetune"):
+            raise ValueError(f"unknown stage {stage!r}; use 'align' or 'finetune'.")
+        self.projector.requires_grad_(True)
+        if isinstance(self.llm, PeftModel):
+            for name, param in self.llm.named_parameters():
+                if "lora_" in name or "prompt_encoder" in name:
+                    param.requires_grad_(stage == "finetune")
+
+    # ------------------------------------------------------------------ forward
+    def image_embeddings(
+        self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values (raw pixels) or image_features (cached encoder output).")
+            image_features = self.vision(pixel_values)
+        embeds = self.projector(image_features.to(self.device, torch.float32))
+        if not torch.isfinite(embeds).all():
+            raise FloatingPointError(
+                "the projector produced NaN/inf image embeddings; the learning rate is likely too high "
+                "(or fp16 overflowed). Lower projector_lr / learning_rate or use compute_dtype='float32'."
+            )
+        return embeds
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the image placeholders replaced by projected patch embeddings."""
+        is_image = input_ids == IMAGE_TOKEN_ID
+        if int(is_image.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise ValueError(
+                f"{int(is_image.sum())} image placeholders in input_ids but {image_embeds.shape[0]} images x "
+                f"{image_embeds.shape[1]} tokens; build batches with VLMCollator / model.prompts."
+            )
+        embeds = self.base_llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        **_: Any,  # the Trainer may add e.g. num_items_in_batch
+    ) -> CausalLMOutputWithPast:
+        """With labels: loss over the answer tokens, logits only at those positions ([num_answer_tokens, V])."""
+        input_ids = input_ids.to(self.device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if labels is None:
+            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
+            return CausalLMOutputWithPast(logits=out.logits)
+        targets = labels.to(self.device)[:, 1:]
+        supervised = targets != IGNORE_INDEX
+        keep = F.pad(supervised, (0, 1), value=False)  # position t predicts token t + 1
+        out = self.llm(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+        )
+        loss = F.cross_entropy(out.logits.float(), targets[supervised])
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+
+    # ------------------------------------------------------------- inference
+    def _features(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return self.vision(self.vision.preprocess(images))
+
+    def _prefill(self, features: torch.Tensor, prompt: str) -> tuple[torch.Tensor, Any, int]:
+        """Run image + prompt once; return last-position log-probs, the KV cache and the prompt length."""
+        ids = torch.tensor(self.prompts.encode(prompt).input_ids, device=self.device)
+        ids = ids.unsqueeze(0).expand(features.shape[0], -1)
+        embeds = self.embed(ids, self.image_embeddings(image_features=features))
+        positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float().log_softmax(-1), out.past_key_values, ids.shape[1]
+
+    def _extend(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, past: int) -> torch.Tensor:
+        """Feed `ids` after `past` cached positions; returns log-probs at every fed position.
+
+        Calls the base model directly: the PEFT wrapper would build a fresh prefix cache, while the
+        prefix (if any) already sits at the front of `cache`.
+        """
+        prefix = self.num_prefix_tokens
+        full_mask = torch.cat([torch.ones(ids.shape[0], prefix + past, device=self.device, dtype=mask.dtype), mask], 1)
+        positions = prefix + past + torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+        out = self.base_llm(
+            input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        return out.logits.float().log_softmax(-1)
+
+    @_inference
+    def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
+        """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after image + prompt."""
+        candidates = [list(self.prompts.answer_ids(label)) for label in labels]
+        width = max(map(len, candidates))
+        ids = torch.full((len(candidates), width), self.pad_token_id, device=self.device)
+        mask = torch.zeros_like(ids)
+        for row, tokens in enumerate(candidates):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        first_logp, cache, past = self._prefill(features, prompt)
+        batch, k = features.shape[0], len(candidates)
+        scores = first_logp[:, ids[:, 0]]  # [B, K]: log p(first token of each label)
+        if width > 1:
+            cache.batch_repeat_interleave(k)
+            step_ids, step_mask = ids[:, :-1].repeat(batch, 1), mask[:, :-1].repeat(batch, 1)
+            logp = self._extend(step_ids, step_mask, cache, past)  # [B*K, width-1, V]
+            next_logp = logp.gather(-1, ids[:, 1:].repeat(batch, 1).unsqueeze(-1)).squeeze(-1)
+            scores = scores + (next_logp * mask[:, 1:].repeat(batch, 1)).sum(-1).view(batch, k)
+        return scores
+
+    def classify(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        labels: Sequence[str],
+        prompt: str | None = None,
+        batch_size: int = 16,
+    ) -> dict[str, float] | list[dict[str, float]]:
+        """Probability of each candidate label (sums to 1), most likely first. One image -> one dict."""
+        labels = list(labels)
+        if not labels:
+            raise ValueError("classify needs at least one candidate label; got an empty list.")
+        if not all(isinstance(label, str) and label for label in labels):
+            raise ValueError(f"candidate labels must be non-empty strings; got {labels!r}.")
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"candidate labels must be unique; {duplicates} appear more than once.")
+        single, batch = _as_batch(images)
+        results = []
+        for start in range(0, len(batch), batch_size):
+            features = self._features(batch[start : start + batch_size])
+            probs = self.score_labels(features, labels, prompt or self.config.classify_prompt).softmax(-1)
+            for row in probs.tolist():
+                results.append(dict(sorted(zip(labels, row), key=lambda item: -item[1])))
+        return results[0] if single else results
+
+    @_inference
+    def generate_from_features(self, features: torch.Tensor, prompt: str, max_new_tokens: int) -> list[str]:
+        """Greedy decoding from cached encoder features (one prefill, then one token per step)."""
+        logp, cache, past = self._prefill(features, prompt)
+        tokens: list[torch.Tensor] = []
+        done = torch.zeros(features.shape[0], dtype=torch.bool, device=self.device)
+        stop = torch.tensor(sorted(self.stop_token_ids), device=self.device)
+        for step in range(max_new_tokens):
+            next_ids = logp.argmax(-1).masked_fill(done, self.pad_token_id)
+            tokens.append(next_ids)
+            done |= torch.isin(next_ids, stop)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            ids = next_ids.unsqueeze(1)
+            logp = self._extend(ids, torch.ones_like(ids), cache, past + step)[:, -1]
+        out = torch.stack(tokens, 1).tolist()
+        texts = []
+        for row in out:
+            cut = next((i for i, t in enumerate(row) if t in self.stop_token_ids), len(row))
+            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        return texts
+
+    def describe(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompt: str | None = None,
+        max_new_tokens: int = 48,
+        batch_size: int = 16,
+    ) -> str | list[str]:
+        """Generated text for each image (greedy). One image -> one string."""
+        single, batch = _as_batch(images)
+        texts: list[str] = []
+        for start in range(0, len(batch), batch_size):
+            features = self._features(batch[start : start + batch_size])
+            texts += self.generate_from_features(features, prompt or self.config.describe_prompt, max_new_tokens)
+        return texts[0] if single else texts
+
+    # ------------------------------------------------------- train / evaluate / save
+    def fit(self, train: Any, eval: Any = None, **options: Any) -> dict[str, float]:  # noqa: A002 - contract name
+        """Train projector + adapter with transformers' Trainer; options use TrainingArguments names."""
+        from .training import fit
+
+        return fit(self, train, eval, **options)
+
+    def evaluate(self, dataset: Any, **options: Any) -> dict[str, Any]:
+        """Accuracy, macro-F1 and a per-class report for label data; exact match / BLEU / ROUGE-L for text."""
+        from .training import evaluate
+
+        return evaluate(self, dataset, **options)
+
+    def save_pretrained(self, directory: str, **kwargs: Any) -> str:
+        from .hub import save_pretrained
+
+        return save_pretrained(self, directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+
+def _as_batch(images: Any) -> tuple[bool, list[Any]]:
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("got an empty list of images.")
+        return False, list(images)
+    return True, [images]

@@ -1,0 +1,158 @@
+"""`VisionTower`: a frozen image encoder that turns images into patch tokens [B, N, C].
+
+One class covers the three kinds of encoder users bring:
+- transformers vision models (ViT, CLIP, SigLIP, DINOv2 ...): hidden state of `feature_layer`,
+  leading CLS / register tokens dropped (LLaVA uses the penultimate layer without CLS);
+- timm models: `forward_features`, prefix tokens dropped;
+- any torch module returning a feature map [B, C, H, W] (flattened to H*W tokens) or tokens [B, N, C].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .images import ImageInput, load_image
+
+Preprocessor = Callable[..., Any]
+
+
+def _load_hf_encoder(name: str, revision: str | None, trust_remote_code: bool) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    # ViT-style models would otherwise add a randomly initialised pooler that is never used.
+    extra = {"add_pooling_layer": False} if config.model_type in ("vit", "deit") else {}
+    model = AutoModel.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **extra)
+    if getattr(config, "vision_config", None) is not None:  # full CLIP / SigLIP: keep the image half
+        model = model.vision_model
+    return model
+
+
+def _default_processor(image_size: int) -> Preprocessor:
+    """Resize + ImageNet normalisation, through transformers' own ViT processor."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": image_size, "width": image_size})
+
+
+class VisionTower(nn.Module):
+    """Frozen encoder + its preprocessing. Never trained, never quantized, always in eval mode."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        image_processor: Preprocessor | None = None,
+        feature_layer: int = -2,
+        image_size: int = 224,
+        source: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.source = source  # "name@revision" when loaded by name: identifies the weights for the feature cache
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.feature_layer = feature_layer
+        self.kind = self._kind(encoder)
+        self.image_processor = image_processor or self._processor_for(encoder, image_size)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        *,
+        revision: str | None = None,
+        image_processor: Preprocessor | None = None,
+        feature_layer: int = -2,
+        trust_remote_code: bool = False,
+    ) -> VisionTower:
+        if name.startswith(("timm/", "hf-hub:timm/")):
+            import timm
+
+            encoder = timm.create_model("hf-hub:" + name.removeprefix("hf-hub:"), pretrained=True)
+            return cls(encoder, image_processor, feature_layer, source=f"{name}@{revision}")
+        encoder = _load_hf_encoder(name, revision, trust_remote_code)
+        if image_processor is None:
+            from transformers import AutoImageProcessor
+
+            image_processor = AutoImageProcessor.from_pretrained(name, revision=revision)
+        return cls(encoder, image_processor, feature_layer, source=f"{name}@{revision}")
+
+    @staticmethod
+    def _kind(encoder: nn.Module) -> str:
+        from transformers import PreTrainedModel
+
+        if isinstance(encoder, PreTrainedModel):
+            return "hf"
+        if hasattr(encoder, "forward_features") and hasattr(encoder, "pretrained_cfg"):
+            return "timm"
+        return "module"
+
+    def _processor_for(self, encoder: nn.Module, image_size: int) -> Preprocessor:
+        if self.kind == "timm":
+            import timm.data
+
+            transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=encoder))
+            return lambda images: torch.stack([transform(image) for image in images])
+        if self.kind == "hf":
+            size = getattr(encoder.config, "image_size", image_size)
+            return _default_processor(size if isinstance(size, int) else image_size)
+        return _default_processor(image_size)
+
+    def train(self, mode: bool = True) -> VisionTower:
+        """Stay in eval mode: a frozen encoder must not update batch-norm statistics or use dropout."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.encoder.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images of any supported kind -> pixel tensor [B, 3, H, W] via the encoder's processor."""
+        pil: list[Image.Image] = [load_image(image) for image in images]
+        out = self.image_processor(pil) if self.kind == "timm" else self.image_processor(images=pil, return_tensors="pt")
+        return out if isinstance(out, torch.Tensor) else out["pixel_values"]
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels -> patch tokens [B, N, C] in float32."""
+        pixel_values = pixel_values.to(self.device, next(self.encoder.parameters()).dtype)
+        if self.kind == "hf":
+            out = self.encoder(pixel_values=pixel_values, output_hidden_states=True)
+            tokens = out.hidden_states[self.feature_layer]
+            tokens = tokens[:, self._num_prefix_tokens(tokens.shape[1]) :]
+        elif self.kind == "timm":
+            tokens = self.encoder.forward_features(pixel_values)
+            if tokens.ndim == 3:
+                tokens = tokens[:, getattr(self.encoder, "num_prefix_tokens", 0) :]
+        else:
+            tokens = self.encoder(pixel_values)
+            if isinstance(tokens, (tuple, list)):
+                tokens = tokens[0]
+            elif isinstance(tokens, dict):
+                tokens = tokens.get("last_hidden_state", next(iter(tokens.values())))
+        if tokens.ndim == 4:  # feature map [B, C, H, W] -> [B, H*W, C]
+            tokens = tokens.flatten(2).transpose(1, 2)
+        if tokens.ndim != 3 or tokens.shape[1] == 0:
+            raise ValueError(
+                f"the vision encoder returned an output of shape {tuple(tokens.shape)}, which holds no patch "
+                "tokens; pass a module whose forward returns a feature map [B, C, H, W] or tokens [B, N, C]."
+            )
+        return tokens.float()
+
+    def _num_prefix_tokens(self, num_tokens: int) -> int:
+        """CLS and register tokens = tokens beyond the patch grid (0 for SigLIP, 1 for ViT/CLIP, 1+R for DINOv2)."""
+        config = self.encoder.config
+        size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+        if isinstance(size, int) and isinstance(patch, int) and patch > 0:
+            grid = (size // patch) ** 2
+            if num_tokens >= grid:
+                return num_tokens - grid
+        return 1 + getattr(config, "num_register_tokens", 0) if num_tokens > 1 else 0
+
+    def encode_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        return self(self.preprocess(images))
