@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import os
 
+import shutil
+import tempfile
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Feature caches and converted assets of the test session live in a throw-away folder.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="vlm-adapters-test-cache-")
+os.environ["VLM_ADAPTERS_CACHE"] = _SESSION_CACHE
 
 import numpy as np
 import pytest
@@ -52,20 +58,23 @@ def train_tokenizer(chat_template: str | None = CHATML, with_pad: bool = True):
 
 
 def llm_config(family: str, vocab_size: int):
+    """Tiny LLMs. initializer_range=0.2: with the default 0.02 a 64-wide model's tied embeddings are so
+    small that no logit can grow large, and the loss cannot fall far enough to test learning."""
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     if family == "llama":
         return LlamaConfig(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+            initializer_range=0.2,
         )
     if family == "qwen2":
         return Qwen2Config(
             vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2,
         )
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+        return GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2)
     raise ValueError(family)
 
 
@@ -101,6 +110,12 @@ def save_vision(path: str, family: str = "vit") -> str:
     model.save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_session_cache():
+    yield
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,7 @@ def vision_fingerprint(vision: VisionTower) -> str:
     else:  # a module or a local folder: hash the weights themselves
         for name, tensor in sorted(vision.encoder.state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

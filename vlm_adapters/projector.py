@@ -3,7 +3,10 @@
 Optional pooling first reduces N to k tokens (fewer tokens = faster training and inference):
 - "avg": adaptive average pooling over the 2-D patch grid (or the sequence when N is not square);
 - "pixel_shuffle": nanoVLM's space-to-depth, merging r x r neighbours into one token of r*r*C channels.
-Then `linear` (LLaVA) or `mlp2x_gelu` (LLaVA-1.5). Always kept in float32 and never quantized.
+Then `linear` (LLaVA) or `mlp2x_gelu` (LLaVA-1.5), after a LayerNorm of the input features: unlike
+ViT hidden states, CNN feature maps (e.g. EfficientNet's post-activation 1280 channels) have
+scales far from the LLM's token embeddings, and without the norm early steps blow the LLM up.
+Always kept in float32 and never quantized.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Projector(nn.Module):
                 )
             self.shuffle_factor = grid // out_grid
             in_features *= self.shuffle_factor**2
+        self.norm = nn.LayerNorm(in_features)
         if kind == "linear":
             self.proj: nn.Module = nn.Linear(in_features, llm_hidden_size)
         elif kind == "mlp2x_gelu":
@@ -70,4 +74,4 @@ class Projector(nn.Module):
         return F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.num_image_tokens).transpose(1, 2)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pool(tokens.float()))
+        return self.proj(self.norm(self.pool(tokens.float())))

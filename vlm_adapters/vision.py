@@ -120,7 +120,8 @@ class VisionTower(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pixels -> patch tokens [B, N, C] in float32."""
-        pixel_values = pixel_values.to(self.device, next(self.encoder.parameters()).dtype)
+        weight = next(self.encoder.parameters(), None)
+        pixel_values = pixel_values.to(self.device, weight.dtype if weight is not None else torch.float32)
         if self.kind == "hf":
             out = self.encoder(pixel_values=pixel_values, output_hidden_states=True)
             tokens = out.hidden_states[self.feature_layer]

