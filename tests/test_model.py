@@ -137,3 +137,20 @@ def test_projector_pooling_reduces_image_tokens(llm_dir, vit_dir, images, poolin
     embeds = model.image_embeddings(image_features=model.vision.encode_images(images[:2]))
     assert embeds.shape == (2, tokens, model.config.llm_signature["hidden_size"])
     assert model.classify(images[0], LABELS)
+
+
+def test_inference_before_training_leaves_the_4bit_weights_trainable(llm_dir, vit_dir, images):
+    """bitsandbytes repacks 4-bit weights for a no-autograd CPU kernel after eval-mode inference;
+    a classify() before fit() must not change the training forward nor stop gradients."""
+    model = attach(vit_dir, llm_dir)
+    ds = colour_dataset(2, seed=7)
+    batch = VLMCollator(model, LABELS)([ds[i] for i in range(4)])
+    model.train()
+    before = model(**batch).loss
+    model.classify(images[0], LABELS)
+    model.describe(images[0], max_new_tokens=2)
+    model.train()
+    after = model(**batch).loss
+    assert after.item() == before.item()
+    after.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())

@@ -30,13 +30,13 @@ class DemoOptions:
     """Sizes of the demo run; the defaults finish in about 10 minutes on a 2-core CPU."""
 
     output_dir: str = "runs/demo"
-    train_per_class: int = 100
+    train_per_class: int = 150
     test_per_class: int = 50
     zero_shot_per_class: int = 10
     describe_images: int = 30
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 2.0
     num_image_tokens: int = 16
-    learning_rate: float = 2e-4
+    learning_rate: float = 5e-4
     projector_lr: float = 1e-3
     per_device_train_batch_size: int = 8
     system_prompt: str = "You classify images."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
@@ -51,6 +52,22 @@ def load_llm(
     )
 
 
+def disable_cpu_4bit_repacking(model: nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16 a `Linear4bit` that runs in eval mode without grad repacks its weight
+    in place and keeps it that way. Back in train mode `matmul_4bit` still takes that kernel, which
+    has no autograd, so no gradient reaches the layers below or the projector (bitsandbytes 0.50: a
+    zero-shot evaluation before `fit` silently ruined training), and unpacking is not exact. The
+    plain path is ~1.5x slower per 4-bit matmul at inference, and always right.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for layer in model.modules():
+        if isinstance(layer, Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
+
+
 def is_quantized(model: PreTrainedModel) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
@@ -74,6 +91,7 @@ def add_adapter(llm: PreTrainedModel, config: AdapterConfig) -> PreTrainedModel 
     if is_quantized(llm):
         # Casts norms to fp32 and makes input embeddings require grad; checkpointing is the Trainer's choice.
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+        disable_cpu_4bit_repacking(llm)
     llm.requires_grad_(False)
     peft_cfg = peft_config(config)
     return llm if peft_cfg is None else get_peft_model(llm, peft_cfg)
@@ -85,5 +103,6 @@ def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) ->
         return add_adapter(llm, config)
     if is_quantized(llm):
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
+        disable_cpu_4bit_repacking(llm)
     llm.requires_grad_(False)
     return PeftModel.from_pretrained(llm, directory, is_trainable=True, use_safetensors=True)

@@ -1,0 +1,77 @@
+"""The standard recipe, written the way the transformers / TRL documentation does it, for side-by-side
+benchmarks: every training step runs the vision encoder on the batch's pixels, the LLM computes
+full-vocabulary logits at every position (its own `labels=` loss), batches are padded to the longest
+sequence, and classification is `generate` + string match.
+
+It shares the parts that must be equal for a fair comparison with vlm_adapters: the same encoder,
+projector class and shape, NF4 LLM with the same LoRA settings, the same prompts and answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from vlm_adapters.model import VisionLanguageModel
+from vlm_adapters.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID
+
+
+class ReferenceModel(nn.Module):
+    """LLaVA-style forward: encoder on pixels every step, full logits, the LLM's own loss."""
+
+    def __init__(self, vlm: VisionLanguageModel) -> None:
+        super().__init__()
+        self.vlm = vlm  # reuse its encoder, projector and PEFT-wrapped LLM: identical parameters
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values, **_: Any):
+        vlm = self.vlm
+        with torch.no_grad():
+            features = vlm.vision(pixel_values)
+        embeds = vlm.embed(input_ids, vlm.projector(features))
+        return vlm.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+
+class ReferenceCollator:
+    """Pixels per batch (no feature cache), padded to the longest sequence."""
+
+    def __init__(self, vlm: VisionLanguageModel, names: list[str]) -> None:
+        self.vlm, self.names = vlm, names
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        encoded = [self.vlm.prompts.encode(self.vlm.config.classify_prompt, self.names[r["label"]]) for r in rows]
+        width = max(len(e.input_ids) for e in encoded)
+        pad = self.vlm.pad_token_id
+        return {
+            "input_ids": torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in encoded]),
+            "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encoded]),
+            "labels": torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in encoded]),
+            "pixel_values": self.vlm.vision.preprocess([r["image"] for r in rows]),
+        }
+
+
+def reference_trainer(vlm: VisionLanguageModel, train: Any, names: list[str], args: Any) -> Trainer:
+    return Trainer(model=ReferenceModel(vlm), args=args, train_dataset=train, data_collator=ReferenceCollator(vlm, names))
+
+
+@torch.no_grad()
+def classify_by_generate(vlm: VisionLanguageModel, images: list[Any], names: list[str], max_new_tokens: int = 8) -> list[int]:
+    """`generate(inputs_embeds=...)` then match the text to a class name (-1 when nothing matches)."""
+    vlm.eval()
+    ids = torch.tensor([vlm.prompts.encode(vlm.config.classify_prompt).input_ids] * len(images))
+    embeds = vlm.embed(ids, vlm.projector(vlm.vision(vlm.vision.preprocess(images))))
+    out = vlm.llm.generate(
+        inputs_embeds=embeds,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=vlm.pad_token_id,
+    )
+    texts = vlm.tokenizer.batch_decode(out, skip_special_tokens=True)
+    by_length = sorted(range(len(names)), key=lambda i: -len(names[i]))  # "T-shirt/top" before "Shirt"
+    return [next((i for i in by_length if names[i].lower() in t.lower()), -1) for t in texts]
+
+
+__all__ = ["IMAGE_TOKEN_ID", "ReferenceCollator", "ReferenceModel", "classify_by_generate", "reference_trainer"]
