@@ -17,17 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import datasets
-
-from vlm_adapters import attach
-
-
-def load_imagefolder(data_dir: str, seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
-    data = datasets.load_dataset("imagefolder", data_dir=data_dir)
-    if "test" in data or "validation" in data:
-        return data["train"], data["test" if "test" in data else "validation"]
-    split = data["train"].train_test_split(test_size=0.1, stratify_by_column="label", seed=seed)
-    return split["train"], split["test"]
+from vlm_adapters import attach, load_data, split_for_eval
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--push", default=None, help="Hub repo id to push the adapter to")
     args = parser.parse_args(argv)
 
-    train, test = load_imagefolder(args.data_dir)
+    train, test = split_for_eval(load_data(args.data_dir))
     model = attach(args.vision, args.llm, adapter=args.adapter, num_image_tokens=args.num_image_tokens)
     model.fit(train, test, output_dir=args.output, num_train_epochs=args.epochs)
     metrics = model.evaluate(test, output_dir=args.output)

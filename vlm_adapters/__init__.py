@@ -2,7 +2,7 @@
 
 from .attach import attach
 from .config import AdapterConfig
-from .data import VLMCollator
+from .data import VLMCollator, load_data, split_for_eval
 from .hub import AdapterLoadError, load
 from .images import ImageLoadError, load_image
 from .model import VisionLanguageModel
@@ -20,5 +20,7 @@ __all__ = [
     "__version__",
     "attach",
     "load",
+    "load_data",
     "load_image",
+    "split_for_eval",
 ]

@@ -206,3 +206,34 @@ def with_image_features(
     encoded = encoded.remove_columns("bad_image")
     encoded.info.description = f"skipped {len(bad)} bad images: {bad[:20]}" if bad else ""
     return encoded
+
+
+def load_data(source: str, split: str = "train") -> datasets.Dataset:
+    """A dataset from where users keep one: an `imagefolder` directory (class sub-folders), a CSV /
+    JSON Lines file with an image-path column, a folder written by `save_to_disk`, or a Hub dataset id."""
+    if os.path.isdir(source):
+        if os.path.exists(os.path.join(source, "dataset_info.json")) or os.path.exists(os.path.join(source, "state.json")):
+            return datasets.load_from_disk(source)
+        loaded = datasets.load_dataset("imagefolder", data_dir=source)
+    elif source.endswith((".csv", ".json", ".jsonl")):
+        builder = "csv" if source.endswith(".csv") else "json"
+        data = datasets.load_dataset(builder, data_files=source, split="train")
+        root = os.path.dirname(os.path.abspath(source))
+        if "image" in data.column_names:  # image paths are relative to the file
+            data = data.map(lambda row: {"image": os.path.join(root, row["image"])}).cast_column("image", datasets.Image())
+        return data
+    else:
+        loaded = datasets.load_dataset(source)
+    if split not in loaded:
+        raise ValueError(f"{source} has splits {list(loaded)}, not {split!r}.")
+    return loaded[split]
+
+
+def split_for_eval(data: datasets.Dataset, test_size: float = 0.1, seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Hold out a validation split, stratified by class when the data has class labels."""
+    stratify = "label" if isinstance(data.features.get("label"), datasets.ClassLabel) else None
+    if stratify is None and "label" in data.column_names:
+        data = data.class_encode_column("label")
+        stratify = "label"
+    parts = data.train_test_split(test_size=test_size, stratify_by_column=stratify, seed=seed)
+    return parts["train"], parts["test"]
