@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -86,30 +85,27 @@ def label_text(label: Any, names: Sequence[str] | None) -> str:
 class VLMCollator:
     """Turns examples into `model(**batch)` inputs: input_ids, attention_mask, labels and the image.
 
-    For label data it can also teach describing: with probability `describe_ratio` an example is
-    asked `describe_prompt` and answered with `describe_template.format(label=...)`.
+    For label data it can also teach describing: an example whose `describe` field is true is
+    asked `describe_prompt` and answered with `describe_template.format(label=...)`. (`fit` marks a
+    fixed, seeded share of rows, so a resumed run sees exactly the batches an uninterrupted one does.)
     """
 
     def __init__(
         self,
         model: VisionLanguageModel,
         label_names: Sequence[str] | None = None,
-        describe_ratio: float = 0.0,
         describe_template: str = "This image shows {label}.",
-        seed: int = 0,
     ) -> None:
         self.model = model
         self.label_names = list(label_names) if label_names else None
-        self.describe_ratio = describe_ratio
         self.describe_template = describe_template
-        self.rng = random.Random(seed)
 
     def text(self, example: dict[str, Any]) -> tuple[str, str]:
         config = self.model.config
         if "answer" in example and example["answer"] is not None:
             return example.get("prompt") or config.describe_prompt, str(example["answer"])
         name = label_text(example["label"], self.label_names)
-        if self.describe_ratio and self.rng.random() < self.describe_ratio:
+        if example.get("describe"):
             return config.describe_prompt, self.describe_template.format(label=name)
         return example.get("prompt") or config.classify_prompt, name
 

@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from typing import TYPE_CHECKING, Any
 
 import datasets
+import numpy as np
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .data import FEATURES_COLUMN, VLMCollator, as_dataset, label_names, label_text, with_image_features
-from .hub import PEFT_WEIGHTS, PROJECTOR_FILE, write_adapter_files
+from .hub import PEFT_WEIGHTS, PROJECTOR_FILE, replace_directory, write_adapter_files
 from .metrics import classification_metrics, plot_confusion_matrix, plot_training_curves, text_metrics
 
 if TYPE_CHECKING:
@@ -80,6 +83,30 @@ class VLMTrainer(Trainer):
             )
         return loss
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Write the checkpoint into a hidden staging folder, then rename it into place: a crash or
+        a full disk mid-save leaves only a staging folder behind, never a half checkpoint that
+        `resume_from_checkpoint=True` would pick."""
+        run_dir = self.args.output_dir
+        os.makedirs(run_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".checkpoint-staging-", dir=run_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        replace_directory(os.path.join(staging, name), os.path.join(run_dir, name))
+        shutil.rmtree(staging, ignore_errors=True)
+        if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+            self.state.best_model_checkpoint = os.path.join(run_dir, name)
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
@@ -95,7 +122,9 @@ class VLMTrainer(Trainer):
         self._load_trained_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        self._load_trained_weights(self.state.best_model_checkpoint)
+        # The recorded path may name the staging folder it was written in; the checkpoint now sits here.
+        name = os.path.basename(self.state.best_model_checkpoint)
+        self._load_trained_weights(os.path.join(self.args.output_dir, name))
 
     def evaluation_loop(self, dataloader: Any, description: str, *args: Any, **kwargs: Any) -> Any:
         """Eval loss from the Trainer, plus accuracy / macro-F1 from label scoring on label data."""
@@ -133,6 +162,7 @@ def fit(
     skip_bad_images: bool = False,
     early_stopping_patience: int | None = None,
     resume_from_checkpoint: str | bool | None = None,
+    callbacks: list[Any] | None = None,
     **training_args: Any,
 ) -> dict[str, Any]:
     """Train the projector and adapter; returns the Trainer's training metrics plus final eval metrics.
@@ -153,16 +183,14 @@ def fit(
         encode = dict(batch_size=feature_batch_size, skip_bad_images=skip_bad_images, token_shape=shape)
         train_ds = with_image_features(train_ds, model.vision, **encode)
         eval_ds = with_image_features(eval_ds, model.vision, **encode) if eval_ds is not None else None
-    collator = VLMCollator(
-        model,
-        names,
-        describe_ratio=(0.25 if names else 0.0) if describe_ratio is None else describe_ratio,
-        describe_template=describe_template,
-        seed=training_args.get("seed", 0),
-    )
+    ratio = (0.25 if names else 0.0) if describe_ratio is None else describe_ratio
+    if ratio > 0:
+        draw = np.random.default_rng(training_args.get("seed", DEFAULT_ARGS["seed"])).random(len(train_ds))
+        train_ds = train_ds.add_column("describe", (draw < ratio).tolist())
+    collator = VLMCollator(model, names, describe_template=describe_template)
     args = {**DEFAULT_ARGS, **training_args}
     args.update(remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"])
-    callbacks = []
+    callbacks = list(callbacks or [])
     if eval_ds is not None:
         args.setdefault("eval_strategy", args["save_strategy"])
         if args.get("save_strategy") == "steps":
@@ -194,6 +222,10 @@ def fit(
         )
         output = trainer.train(resume_from_checkpoint=resume_from_checkpoint if stage == "finetune" else None)
         result.update({f"{stage}_{k}" if len(stages) > 1 else k: v for k, v in output.metrics.items()})
+    skipped = [ds.info.description for ds in (train_ds, eval_ds) if ds is not None and ds.info.description]
+    if skipped:
+        result["skipped_bad_images"] = skipped
+        print("\n".join(skipped))
     os.makedirs(args["output_dir"], exist_ok=True)
     plot_training_curves(trainer.state.log_history, os.path.join(args["output_dir"], "training_curves.png"))
     result["log_history"] = trainer.state.log_history
