@@ -1,0 +1,27 @@
+"""The documentation builds with `mkdocs build --strict` (broken links and bad references fail) and
+the README's two commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_docs_build_strict(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+def test_readme_opens_with_the_two_commands():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    commands = [block.split("\n")[1] for block in text.split("```bash")[1:3]]
+    assert commands == ["./setup.sh && .venv/bin/vlm-adapters demo", "./setup.sh && .venv/bin/python -m pytest -q"]
+    assert text.index("```bash") < text.index("## ")  # before anything else
