@@ -58,6 +58,9 @@ def _inference(method: Callable[..., T]) -> Callable[..., T]:
 class VisionLanguageModel(nn.Module):
     """What `attach` returns. Trainable parts: `projector` and the PEFT adapter inside `llm`."""
 
+    # The loss is a per-batch mean; tells the Trainer not to pass num_items_in_batch or rescale it.
+    accepts_loss_kwargs = False
+
     def __init__(
         self,
         config: AdapterConfig,
@@ -144,9 +147,9 @@ class VisionLanguageModel(nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-        **_: Any,  # the Trainer may add e.g. num_items_in_batch
+        **_: Any,
     ) -> CausalLMOutputWithPast:
-        """With labels: loss over the answer tokens, logits only at those positions ([num_answer_tokens, V])."""
+        """With labels: mean loss over the answer tokens, logits only at those positions ([num_answer_tokens, V])."""
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))

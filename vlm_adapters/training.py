@@ -87,6 +87,8 @@ class VLMTrainer(Trainer):
         """Write the checkpoint into a hidden staging folder, then rename it into place: a crash or
         a full disk mid-save leaves only a staging folder behind, never a half checkpoint that
         `resume_from_checkpoint=True` would pick."""
+        if not self.args.should_save:  # other ranks of a multi-process run write nothing
+            return super()._save_checkpoint(model, trial)
         run_dir = self.args.output_dir
         os.makedirs(run_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".checkpoint-staging-", dir=run_dir)
@@ -178,18 +180,23 @@ def fit(
     if names:
         _check_classes(train_ds, names)
         model.config.labels = names
+    args = {**DEFAULT_ARGS, **training_args}
+    args.update(remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"])
+    # On a CPU model, accelerate sets up multi-process (torchrun) training only when told use_cpu.
+    args.setdefault("use_cpu", model.device.type == "cpu")
+    # TrainingArguments first: it sets up multi-process state that PartialState would otherwise preempt.
+    main_args = TrainingArguments(**args)
     if cache_features:
         shape = (model.projector.num_vision_tokens, model.config.vision_signature["hidden_size"])
         encode = dict(batch_size=feature_batch_size, skip_bad_images=skip_bad_images, token_shape=shape)
-        train_ds = with_image_features(train_ds, model.vision, **encode)
-        eval_ds = with_image_features(eval_ds, model.vision, **encode) if eval_ds is not None else None
+        with main_args.main_process_first(desc="encoding images"):  # one process writes the cache
+            train_ds = with_image_features(train_ds, model.vision, **encode)
+            eval_ds = with_image_features(eval_ds, model.vision, **encode) if eval_ds is not None else None
     ratio = (0.25 if names else 0.0) if describe_ratio is None else describe_ratio
     if ratio > 0:
         draw = np.random.default_rng(training_args.get("seed", DEFAULT_ARGS["seed"])).random(len(train_ds))
         train_ds = train_ds.add_column("describe", (draw < ratio).tolist())
     collator = VLMCollator(model, names, describe_template=describe_template)
-    args = {**DEFAULT_ARGS, **training_args}
-    args.update(remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"])
     callbacks = list(callbacks or [])
     if eval_ds is not None:
         args.setdefault("eval_strategy", args["save_strategy"])
