@@ -13,7 +13,10 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Feature caches and converted assets of the test session live in a throw-away folder.
-_SESSION_CACHE = tempfile.mkdtemp(prefix="vlm-adapters-test-cache-")
+# Worker processes started by tests inherit the session's folder instead of making their own.
+if "VLM_ADAPTERS_TEST_CACHE" not in os.environ:
+    os.environ["VLM_ADAPTERS_TEST_CACHE"] = tempfile.mkdtemp(prefix="vlm-adapters-test-cache-")
+_SESSION_CACHE = os.environ["VLM_ADAPTERS_TEST_CACHE"]
 os.environ["VLM_ADAPTERS_CACHE"] = _SESSION_CACHE
 
 import numpy as np
