@@ -168,7 +168,9 @@ def _convert_smollm2(out: str) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     for token in (tokenizer.eos_token, tokenizer.pad_token):
         if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
-            raise RuntimeError(f"{token!r} is not in the SmolLM2 vocabulary; the GGUF tokenizer is not the expected one.")
+            raise RuntimeError(
+                f"{token!r} is not in the SmolLM2 vocabulary; the GGUF tokenizer is not the expected one."
+            )
 
     # dequantize=True: keep no GGUF quantizer on the model, so it can be saved as plain safetensors.
     model = AutoModelForCausalLM.from_pretrained(
@@ -271,7 +273,9 @@ def _read_idx(path: str, magic: int) -> np.ndarray:
     ndim = magic & 0xFF
     header = np.frombuffer(raw, dtype=">u4", count=1 + ndim)
     if int(header[0]) != magic:
-        raise ValueError(f"{path}: magic number {int(header[0])}, expected {magic}; the file is not the expected IDX file.")
+        raise ValueError(
+            f"{path}: magic number {int(header[0])}, expected {magic}; the file is not the expected IDX file."
+        )
     shape = tuple(int(n) for n in header[1:])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 * (1 + ndim))
     if data.size != int(np.prod(shape)):
@@ -312,13 +316,13 @@ def fashion_mnist(
         for label in range(len(FASHION_MNIST_LABELS)):
             candidates = np.flatnonzero(labels == label)
             if per_class > len(candidates):
-                raise ValueError(f"per_class={per_class} but class {label} has only {len(candidates)} images in {split}.")
+                raise ValueError(
+                    f"per_class={per_class} but class {label} has only {len(candidates)} images in {split}."
+                )
             chosen.append(rng.choice(candidates, size=per_class, replace=False))
         index = np.sort(np.concatenate(chosen))
         images, labels = images[index], labels[index]
 
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_LABELS)}
-    )
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_LABELS)})
     # uint8 HxW arrays are stored as grayscale PNGs and decode to mode "L" PIL images.
     return datasets.Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
