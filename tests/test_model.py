@@ -154,3 +154,4 @@ def test_inference_before_training_leaves_the_4bit_weights_trainable(llm_dir, vi
     assert after.item() == before.item()
     after.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
+

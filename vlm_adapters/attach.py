@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import AdapterConfig
-from .language import add_adapter, is_quantized, load_llm, resolve_device
+from .language import add_adapter, is_quantized, load_llm, native_compute_dtype, resolve_device
 from .model import VisionLanguageModel
 from .projector import Projector
 from .vision import Preprocessor, VisionTower
@@ -73,6 +73,8 @@ def assemble(
 ) -> tuple[VisionTower, Projector, PreTrainedModel, PreTrainedTokenizerBase]:
     """Load both bases and a fresh projector; shared by `attach` and `load`."""
     device = resolve_device(device)
+    if config.compute_dtype == "auto":
+        config.compute_dtype = native_compute_dtype(device)
     tower = build_vision(vision, config, image_processor, trust_remote_code).to(device)
     base = build_llm(llm, config, device, trust_remote_code)
     if tokenizer is None:

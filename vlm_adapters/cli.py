@@ -46,7 +46,7 @@ class TrainOptions:
     lora_r: int = 16
     lora_alpha: int = 32
     num_prefix_tokens: int = 16
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"
     system_prompt: str | None = None
     projector_lr: float = 1e-3
     align_epochs: float = 0.0

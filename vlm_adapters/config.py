@@ -15,7 +15,7 @@ CONFIG_NAME = "vlm_adapter_config.json"
 PROJECTOR_KINDS = ("linear", "mlp2x_gelu")
 ADAPTER_KINDS = ("lora", "prefix", "none")
 QUANTIZATIONS = ("nf4", "int8", None)
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 POOLING_KINDS = ("avg", "pixel_shuffle")
 
 
@@ -38,7 +38,7 @@ class AdapterConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | str = "all-linear"
     num_prefix_tokens: int = 16
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"  # attach resolves it: bfloat16 where the hardware has it natively
     image_size: int = 224
     # Filled in by `attach`: what the bases looked like, so `load` can refuse a mismatching base.
     vision_signature: dict[str, Any] = field(default_factory=dict)

@@ -22,13 +22,19 @@ class ImageLoadError(ValueError):
     """An image could not be read; the message names the source and the fix."""
 
 
+def _check_finite(array: np.ndarray) -> None:
+    # One NaN among valid values must not pass: nanmin/nanmax skip it and the cast to uint8 turns
+    # it into an arbitrary grey level without an error.
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ImageLoadError("image array holds NaN or inf values; clean it before passing it in.")
+
+
 def _stretch_to_uint8(array: np.ndarray) -> np.ndarray:
     """Map a high-bit-depth or float array onto 0..255 using its own range (X-ray exports use
     only part of the 16-bit range, so a fixed /257 would leave them nearly black)."""
+    _check_finite(array)
     array = array.astype(np.float64)
-    low, high = float(np.nanmin(array)), float(np.nanmax(array))
-    if not np.isfinite(low) or not np.isfinite(high):
-        raise ImageLoadError("image array holds NaN or inf values; clean it before passing it in.")
+    low, high = float(array.min()), float(array.max())
     if high <= low:
         return np.zeros(array.shape, dtype=np.uint8)
     return np.round((array - low) / (high - low) * 255.0).astype(np.uint8)
@@ -43,15 +49,25 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB without clipping high bit depths or blackening alpha."""
-    image = ImageOps.exif_transpose(image) or image
     mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return Image.fromarray(_stretch_to_uint8(np.asarray(image))).convert("RGB")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
-        return _flatten_alpha(image)
-    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV: PIL converts these exactly
+    try:
+        image = ImageOps.exif_transpose(image) or image
+        if mode == "RGB":
+            return image
+        if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            return Image.fromarray(_stretch_to_uint8(np.asarray(image))).convert("RGB")
+        if mode == "La":  # premultiplied grey+alpha: PIL only converts it to LA
+            image = image.convert("LA")
+        if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in image.info):
+            return _flatten_alpha(image)
+        return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV: PIL converts these exactly
+    except (ImageLoadError, MemoryError):
+        raise
+    except Exception as err:  # a mode PIL cannot convert, or a malformed EXIF block
+        raise ImageLoadError(
+            f"cannot convert an image of mode {mode!r} to RGB ({type(err).__name__}: {err}); "
+            "convert it to RGB, L or RGBA first."
+        ) from err
 
 
 def _array_to_pil(array: np.ndarray) -> Image.Image:
@@ -65,6 +81,11 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         )
     if array.size == 0:
         raise ImageLoadError(f"image array of shape {tuple(array.shape)} is empty.")
+    if not (array.dtype == np.bool_ or array.dtype.kind in "iuf"):  # bool, signed, unsigned, float
+        raise ImageLoadError(
+            f"cannot read an image array of dtype {array.dtype}; pass bool, integer or float pixel values."
+        )
+    _check_finite(array)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif array.dtype != np.uint8:
@@ -85,18 +106,36 @@ def _decode(fileobj: Any, name: str) -> Image.Image:
             f"{name} is a DICOM file, not a PNG/JPEG. Read it with pydicom "
             "(pydicom.dcmread(path).pixel_array) and pass the array, or export it to PNG."
         )
+    # Decompression bombs: PIL refuses images over 2 * Image.MAX_IMAGE_PIXELS (default 89.5M pixels)
+    # with DecompressionBombError, turned into ImageLoadError below. Between MAX_IMAGE_PIXELS and twice
+    # that it only emits Image.DecompressionBombWarning and decodes the image (up to ~540 MB as RGB).
+    # We leave that as PIL does, so a large but genuine scan (whole-slide, satellite) still loads.
+    # Mind that it is easy to miss: Python's default filter prints the warning once per distinct
+    # message (i.e. per image size) and then stays quiet, and the encoder resizes the image anyway,
+    # so run with `-W error::PIL.Image.DecompressionBombWarning` (or lower MAX_IMAGE_PIXELS) to be
+    # told about every one. With warnings turned into errors the warning is raised here and becomes
+    # the same ImageLoadError as the error case, so it never escapes as a bare RuntimeWarning.
     try:
         image = Image.open(fileobj)
         image.load()  # decode now so truncated files fail here, not inside the encoder
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageLoadError(
-            f"{name}: {err}. It is refused as a possible decompression bomb; downscale it, or raise "
-            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
+            f"{name}: {str(err).rstrip('.')}. It is refused as a possible decompression bomb; downscale it, "
+            "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
         ) from err
     except UnidentifiedImageError as err:
         raise ImageLoadError(f"{name}: not an image PIL can read (wrong extension or another file type).") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageLoadError(f"{name}: the image is truncated or corrupt ({err}); re-export or remove it.") from err
+    except MemoryError:
+        raise  # not a property of the file
+    except Exception as err:
+        # PIL's decoders raise OSError/SyntaxError/ValueError for most damaged files, but fuzzing
+        # (tests/test_images.py) also got a TypeError out of a TIFF whose StripOffsets tag had a
+        # float type, and the plugins can raise struct.error, IndexError, KeyError, EOFError or
+        # zlib.error from deep inside. Whatever the type, a file that fails to decode is damaged, so
+        # every exception of the decode step becomes ImageLoadError (which skip_bad_images catches).
+        raise ImageLoadError(
+            f"{name}: the image is truncated or corrupt ({type(err).__name__}: {err}); re-export or remove it."
+        ) from err
     return image
 
 
@@ -120,6 +159,20 @@ def load_image(source: ImageInput) -> Image.Image:
     if isinstance(source, Image.Image):
         if source.width < 1 or source.height < 1:
             raise ImageLoadError(f"image has size {source.size}; it holds no pixels.")
+        try:  # Image.open() is lazy: a damaged file passed as an opened image fails only here
+            source.load()
+        except MemoryError:
+            raise
+        except Exception as err:
+            name = getattr(source, "filename", "") or "PIL image"
+            if getattr(source, "fp", True) is None:  # `with Image.open(p) as im:` left before im.load()
+                raise ImageLoadError(
+                    f"{name}: the image's file was closed before its pixels were read; call .load() "
+                    "inside the `with Image.open(...)` block, or pass the path instead."
+                ) from err
+            raise ImageLoadError(
+                f"{name}: the image is truncated or corrupt ({type(err).__name__}: {err}); re-export or remove it."
+            ) from err
         return to_rgb(source)
     if type(source).__module__.startswith("torch"):
         source = source.detach().cpu().float().numpy() if source.is_floating_point() else source.cpu().numpy()

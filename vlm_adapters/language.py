@@ -24,6 +24,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def native_compute_dtype(device: torch.device) -> str:
+    """bfloat16 where the hardware computes it natively (CUDA with bf16; CPUs with AVX512-BF16, where
+    a bf16 matmul runs ~2.5x faster than fp32), else float32. NF4 weights are dequantized to it."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    return "bfloat16" if device.type == "cpu" and avx512_bf16() else "float32"
+
+
 def quantization_config(config: AdapterConfig) -> BitsAndBytesConfig | None:
     if config.quantization == "nf4":
         return BitsAndBytesConfig(

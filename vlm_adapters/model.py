@@ -18,13 +18,14 @@ import torch
 from peft import PeftModel
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import AdapterConfig
 from .images import ImageInput
 from .projector import Projector
 from .prompting import IGNORE_INDEX, IMAGE_TOKEN_ID, PromptBuilder
+from .scoring import CandidateTree
 from .vision import VisionTower
 
 T = TypeVar("T")
@@ -170,55 +171,68 @@ class VisionLanguageModel(nn.Module):
     def _features(self, images: Sequence[ImageInput]) -> torch.Tensor:
         return self.vision(self.vision.preprocess(images))
 
-    def _prefill(self, features: torch.Tensor, prompt: str) -> tuple[torch.Tensor, Any, int]:
-        """Run image + prompt once; return last-position log-probs, the KV cache and the prompt length."""
-        ids = torch.tensor(self.prompts.encode(prompt).input_ids, device=self.device)
-        ids = ids.unsqueeze(0).expand(features.shape[0], -1)
-        embeds = self.embed(ids, self.image_embeddings(image_features=features))
-        positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(ids),
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1].float().log_softmax(-1), out.past_key_values, ids.shape[1]
+    def _context(self, head_ids: Sequence[int], batch: int) -> DynamicCache:
+        """KV cache of what precedes the image, computed once and repeated over the batch: the PEFT
+        prefix (if any) and the prompt's image-independent head (system turn, user header)."""
+        if self.num_prefix_tokens:
+            cache = self.llm.get_prompt(batch_size=1)
+        else:
+            cache = DynamicCache(config=self.base_llm.config)
+        if head_ids:
+            ids = torch.tensor([list(head_ids)], device=self.device)
+            past = cache.get_seq_length()
+            self.base_llm(
+                input_ids=ids,
+                attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),
+                position_ids=past + torch.arange(ids.shape[1], device=self.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        cache.batch_repeat_interleave(batch)
+        return cache
 
-    def _extend(self, ids: torch.Tensor, mask: torch.Tensor, cache: Any, past: int) -> torch.Tensor:
-        """Feed `ids` after `past` cached positions; returns log-probs at every fed position.
-
-        Calls the base model directly: the PEFT wrapper would build a fresh prefix cache, while the
-        prefix (if any) already sits at the front of `cache`.
-        """
-        prefix = self.num_prefix_tokens
-        full_mask = torch.cat([torch.ones(ids.shape[0], prefix + past, device=self.device, dtype=mask.dtype), mask], 1)
-        positions = prefix + past + torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+    def _feed(
+        self, embeds: torch.Tensor, cache: DynamicCache, positions: torch.Tensor, visible: torch.Tensor, keep: Any
+    ) -> torch.Tensor:
+        """Feed `embeds` after the cached tokens; `visible[i, j]`: new token i attends new token j
+        (every cached token is visible). Calls the base model: a prefix already sits in `cache`, and
+        positions count from after it, as PEFT's own forward does. Returns log-probs at `keep`."""
+        past = cache.get_seq_length()
+        allowed = torch.cat([visible.new_ones(visible.shape[0], past), visible], 1).to(self.device)
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=self.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)  # additive: eager and SDPA alike
         out = self.base_llm(
-            input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache, use_cache=True
+            inputs_embeds=embeds,
+            attention_mask=mask.expand(embeds.shape[0], 1, -1, -1),
+            position_ids=(self.num_prefix_tokens + positions.to(self.device)).expand(embeds.shape[0], -1),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep,
         )
         return out.logits.float().log_softmax(-1)
+
+    def _prompt(self, features: torch.Tensor, prompt: str, tree: CandidateTree | None = None) -> tuple[Any, ...]:
+        """One pass over image + prompt (+ the candidate tree's tokens). Returns log-probs at the
+        prompt's last position (and at every fed candidate token), the KV cache and the prompt length."""
+        ids = self.prompts.encode(prompt).input_ids
+        head = ids.index(IMAGE_TOKEN_ID)
+        fed = list(tree.fed_tokens) if tree else []
+        cache = self._context(ids[:head], features.shape[0])
+        rest = torch.tensor(ids[head:] + fed, device=self.device).expand(features.shape[0], -1)
+        embeds = self.embed(rest, self.image_embeddings(image_features=features))
+        length = len(ids)
+        visible = tree.attention(length)[head:, head:] if tree else torch.ones(len(rest[0]), len(rest[0])).tril().bool()
+        positions = torch.tensor(list(range(head, length)) + (tree.positions(length) if tree else []))
+        keep = torch.arange(length - head - 1, len(rest[0]), device=self.device)
+        return self._feed(embeds, cache, positions[None], visible, keep), cache, length
 
     @_inference
     def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
         """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after image + prompt."""
-        candidates = [list(self.prompts.answer_ids(label)) for label in labels]
-        width = max(map(len, candidates))
-        ids = torch.full((len(candidates), width), self.pad_token_id, device=self.device)
-        mask = torch.zeros_like(ids)
-        for row, tokens in enumerate(candidates):
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        first_logp, cache, past = self._prefill(features, prompt)
-        batch, k = features.shape[0], len(candidates)
-        scores = first_logp[:, ids[:, 0]]  # [B, K]: log p(first token of each label)
-        if width > 1:
-            cache.batch_repeat_interleave(k)
-            step_ids, step_mask = ids[:, :-1].repeat(batch, 1), mask[:, :-1].repeat(batch, 1)
-            logp = self._extend(step_ids, step_mask, cache, past)  # [B*K, width-1, V]
-            next_logp = logp.gather(-1, ids[:, 1:].repeat(batch, 1).unsqueeze(-1)).squeeze(-1)
-            scores = scores + (next_logp * mask[:, 1:].repeat(batch, 1)).sum(-1).view(batch, k)
-        return scores
+        tree = CandidateTree.build([self.prompts.answer_ids(label) for label in labels])
+        logprobs, _, _ = self._prompt(features, prompt, tree)
+        return tree.scores(logprobs)
 
     def classify(
         self,
@@ -247,19 +261,21 @@ class VisionLanguageModel(nn.Module):
 
     @_inference
     def generate_from_features(self, features: torch.Tensor, prompt: str, max_new_tokens: int) -> list[str]:
-        """Greedy decoding from cached encoder features (one prefill, then one token per step)."""
-        logp, cache, past = self._prefill(features, prompt)
+        """Greedy decoding from cached encoder features (one pass over the prompt, then one token per step)."""
+        logprobs, cache, length = self._prompt(features, prompt)
+        logp = logprobs[:, -1]
         tokens: list[torch.Tensor] = []
         done = torch.zeros(features.shape[0], dtype=torch.bool, device=self.device)
         stop = torch.tensor(sorted(self.stop_token_ids), device=self.device)
+        one = torch.ones(1, 1, dtype=torch.bool)
         for step in range(max_new_tokens):
             next_ids = logp.argmax(-1).masked_fill(done, self.pad_token_id)
             tokens.append(next_ids)
             done |= torch.isin(next_ids, stop)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
-            ids = next_ids.unsqueeze(1)
-            logp = self._extend(ids, torch.ones_like(ids), cache, past + step)[:, -1]
+            embeds = self.base_llm.get_input_embeddings()(next_ids[:, None])
+            logp = self._feed(embeds, cache, torch.tensor([[length + step]]), one, 1)[:, -1]
         out = torch.stack(tokens, 1).tolist()
         texts = []
         for row in out:
