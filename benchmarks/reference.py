@@ -1,7 +1,9 @@
 """The standard recipe, written the way the transformers / TRL documentation does it, for side-by-side
 benchmarks: every training step runs the vision encoder on the batch's pixels, the LLM computes
 full-vocabulary logits at every position (its own `labels=` loss), batches are padded to the longest
-sequence, and classification is `generate` + string match.
+sequence, and classification is `generate` + string match. Gradient checkpointing is on, as in the
+HF cookbook's QLoRA recipe (`gradient_checkpointing=True`, `use_reentrant=False`) and
+`peft.prepare_model_for_kbit_training`'s default.
 
 It shares the parts that must be equal for a fair comparison with vlm_adapters: the same encoder,
 projector class and shape, NF4 LLM with the same LoRA settings, the same prompts and answers.
@@ -25,6 +27,10 @@ class ReferenceModel(nn.Module):
     def __init__(self, vlm: VisionLanguageModel) -> None:
         super().__init__()
         self.vlm = vlm  # reuse its encoder, projector and PEFT-wrapped LLM: identical parameters
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """What the Trainer calls for `gradient_checkpointing=True`; the LLM is the part it applies to."""
+        self.vlm.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def forward(self, input_ids, attention_mask, labels, pixel_values, **_: Any):
         vlm = self.vlm
@@ -53,6 +59,8 @@ class ReferenceCollator:
 
 
 def reference_trainer(vlm: VisionLanguageModel, train: Any, names: list[str], args: Any) -> Trainer:
+    """A Trainer on the reference model; pass `gradient_checkpointing=True` in `args` for the cookbook
+    recipe (the benchmark does), and call `vlm.base_llm.gradient_checkpointing_disable()` afterwards."""
     return Trainer(model=ReferenceModel(vlm), args=args, train_dataset=train, data_collator=ReferenceCollator(vlm, names))
 
 

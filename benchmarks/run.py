@@ -319,10 +319,16 @@ def bench_training(ctx: Context) -> dict[str, Any]:
     def run_reference(max_steps: int = -1) -> tuple[float, int, dict[str, float]]:
         cb = StepTimes()
         with stopwatch() as t:
-            args = ctx.train_args(ctx.dir("ref"), max_steps=max_steps, remove_unused_columns=False)
+            args = ctx.train_args(
+                ctx.dir("ref"), max_steps=max_steps, remove_unused_columns=False,
+                gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
             trainer = reference_trainer(model, ctx.train, ctx.names, TrainingArguments(**args))
             trainer.add_callback(cb)
-            metrics = trainer.train().metrics
+            try:
+                metrics = trainer.train().metrics
+            finally:
+                model.base_llm.gradient_checkpointing_disable()  # the library run shares this LLM
         return t[0], len(cb.ends), metrics
 
     log("training: warm-up (1 untimed step each)")
@@ -370,7 +376,7 @@ def report_training(ctx: Context, res: dict[str, Any]) -> str:
         "Library: `model.fit(...)` timed end to end, including building "
         "the feature cache (a fresh, empty cache folder every repeat, so each repeat encodes the images once). "
         "Reference: `reference_trainer(...)` + `train()` (the encoder runs on every batch's pixels, full-vocabulary "
-        "logits, the LLM's own loss). The two runs of a repeat start from the same initial weights and alternate "
+        "logits, the LLM's own loss, gradient checkpointing on as in the HF cookbook's QLoRA recipe). The two runs of a repeat start from the same initial weights and alternate "
         "in order; one untimed 1-step run of each comes first.",
         "",
         "| | library | reference | library / reference |",

@@ -3,6 +3,7 @@
 from .attach import attach
 from .config import AdapterConfig
 from .data import VLMCollator, load_data, split_for_eval
+from .export import merge_and_export
 from .hub import AdapterLoadError, load
 from .images import ImageLoadError, load_image
 from .model import VisionLanguageModel
@@ -22,5 +23,6 @@ __all__ = [
     "load",
     "load_data",
     "load_image",
+    "merge_and_export",
     "split_for_eval",
 ]

@@ -90,6 +90,7 @@ def assemble(
         num_vision_tokens=signature["num_tokens"],
         num_image_tokens=config.num_image_tokens,
         pooling=config.pooling,
+        norm=config.projector_norm,
     ).to(device)
     config.vision_signature, config.llm_signature = signature, llm_signature(base)
     if isinstance(llm, PreTrainedModel) and config.quantization is not None and not is_quantized(llm):
@@ -115,7 +116,8 @@ def attach(
 
     `vision` and `llm` are Hub ids, local folders or already-loaded modules. Further options are
     the fields of `AdapterConfig` (e.g. `vision_feature_layer=-2`, `num_image_tokens=16`,
-    `lora_r=16`, `num_prefix_tokens=16`, `compute_dtype="bfloat16"`, `system_prompt=...`).
+    `lora_r=16`, `num_prefix_tokens=16`, `compute_dtype="bfloat16"`, `system_prompt=...`,
+    `projector_norm=False` for LLaVA's exact projector, which `merge_and_export` needs).
     """
     if seed is not None:
         torch.manual_seed(seed)  # the projector and adapter initialisations are then reproducible

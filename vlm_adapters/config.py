@@ -30,6 +30,9 @@ class AdapterConfig:
     adapter: str = "lora"
     quantization: str | None = "nf4"
     projector: str = "mlp2x_gelu"
+    # LayerNorm on the encoder features before the projector: needed for CNN feature maps; turn it
+    # off for a ViT (CLIP / SigLIP) to get LLaVA's exact projector, which `merge_and_export` requires.
+    projector_norm: bool = True
     vision_feature_layer: int = -2
     num_image_tokens: int | None = None
     pooling: str = "avg"
@@ -76,6 +79,8 @@ class AdapterConfig:
             not isinstance(self.num_image_tokens, int) or self.num_image_tokens < 1
         ):
             raise bad("num_image_tokens", "None or a positive integer")
+        if not isinstance(self.projector_norm, bool):
+            raise bad("projector_norm", "True or False")
         if not isinstance(self.vision_feature_layer, int) or isinstance(self.vision_feature_layer, bool):
             raise bad("vision_feature_layer", "an integer layer index such as -1 or -2")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
@@ -94,6 +99,10 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_json_string(self) -> str:
+        """What the Trainer's loggers (TensorBoard, W&B) record as the model's config."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
         known = {f.name for f in fields(cls)}
@@ -107,8 +116,7 @@ class AdapterConfig:
 
     def save(self, directory: str | os.PathLike) -> None:
         with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-            fh.write("\n")
+            fh.write(self.to_json_string())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> AdapterConfig:

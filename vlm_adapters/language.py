@@ -114,4 +114,11 @@ def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) ->
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         disable_cpu_4bit_repacking(llm)
     llm.requires_grad_(False)
-    return PeftModel.from_pretrained(llm, directory, is_trainable=True, use_safetensors=True)
+    # PEFT refuses to load prompt-learning adapters as trainable; their prompt encoder is unfrozen
+    # by hand so a loaded prefix adapter can be trained further, like a loaded LoRA.
+    prompt_learning = config.adapter == "prefix"
+    model = PeftModel.from_pretrained(llm, directory, is_trainable=not prompt_learning, use_safetensors=True)
+    if prompt_learning:
+        for name, param in model.named_parameters():
+            param.requires_grad_("prompt_encoder" in name)
+    return model

@@ -316,6 +316,12 @@ class VisionLanguageModel(nn.Module):
 
         return save_pretrained(self, directory, **kwargs)
 
+    def merge_and_export(self, directory: str) -> str:
+        """Write a transformers `LlavaForConditionalGeneration` + processor (LoRA merged); see `export`."""
+        from .export import merge_and_export
+
+        return merge_and_export(self, directory)
+
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         from .hub import push_to_hub
 

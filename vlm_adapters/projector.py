@@ -6,6 +6,7 @@ Optional pooling first reduces N to k tokens (fewer tokens = faster training and
 Then `linear` (LLaVA) or `mlp2x_gelu` (LLaVA-1.5), after a LayerNorm of the input features: unlike
 ViT hidden states, CNN feature maps (e.g. EfficientNet's post-activation 1280 channels) have
 scales far from the LLM's token embeddings, and without the norm early steps blow the LLM up.
+`norm=False` drops it (LLaVA's own projector has none), which export to transformers' Llava needs.
 Always kept in float32 and never quantized.
 """
 
@@ -32,6 +33,7 @@ class Projector(nn.Module):
         num_vision_tokens: int | None = None,
         num_image_tokens: int | None = None,
         pooling: str = "avg",
+        norm: bool = True,
     ) -> None:
         super().__init__()
         self.num_vision_tokens = num_vision_tokens
@@ -48,7 +50,7 @@ class Projector(nn.Module):
                 )
             self.shuffle_factor = grid // out_grid
             in_features *= self.shuffle_factor**2
-        self.norm = nn.LayerNorm(in_features)
+        self.norm: nn.Module = nn.LayerNorm(in_features) if norm else nn.Identity()
         if kind == "linear":
             self.proj: nn.Module = nn.Linear(in_features, llm_hidden_size)
         elif kind == "mlp2x_gelu":

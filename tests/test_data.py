@@ -1,0 +1,91 @@
+"""Data in the shapes users keep it, offline metrics, and the pictures and logs a run leaves behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import datasets
+import numpy as np
+import pytest
+from conftest import COLOURS, colour_dataset, colour_image
+from PIL import Image
+
+from vlm_adapters import attach, load_data, split_for_eval
+from vlm_adapters.metrics import classification_metrics, text_metrics
+
+
+@pytest.fixture
+def image_files(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = []
+    for name in COLOURS:
+        for i in range(4):
+            path = tmp_path / "images" / f"{name}_{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            colour_image(name, rng).save(path)
+            rows.append({"image": f"images/{path.name}", "label": name, "answer": f"A {name} square."})
+    return tmp_path, rows
+
+
+def test_csv_and_jsonl_with_relative_image_paths(image_files):
+    root, rows = image_files
+    with open(root / "data.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "label", "answer"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("data.csv", "data.jsonl"):
+        data = load_data(str(root / name))
+        assert len(data) == 12 and isinstance(data.features["image"], datasets.Image)
+        assert isinstance(data[0]["image"], Image.Image) and data[0]["label"] == "red"
+
+
+def test_imagefolder_and_saved_dataset(tmp_path):
+    rng = np.random.default_rng(4)
+    for name in COLOURS:
+        os.makedirs(tmp_path / "folder" / name)
+        for i in range(3):
+            colour_image(name, rng).save(tmp_path / "folder" / name / f"{i}.png")
+    data = load_data(str(tmp_path / "folder"))
+    assert data.features["label"].names == sorted(COLOURS) and len(data) == 9
+    colour_dataset(2).save_to_disk(str(tmp_path / "saved"))
+    assert len(load_data(str(tmp_path / "saved"))) == 6
+    with pytest.raises(ValueError, match="not 'validation'"):
+        load_data(str(tmp_path / "folder"), split="validation")
+
+
+def test_stratified_split_keeps_every_class_in_both_parts():
+    data = colour_dataset(10)
+    train, held_out = split_for_eval(data, test_size=0.3, seed=0)
+    assert len(train) + len(held_out) == 30
+    assert sorted(set(held_out["label"])) == [0, 1, 2] and np.bincount(held_out["label"]).tolist() == [3, 3, 3]
+    strings = datasets.Dataset.from_dict({"image": data["image"], "label": [["a", "b", "c"][i] for i in data["label"]]})
+    _, held_out = split_for_eval(strings, test_size=0.3)
+    assert held_out.features["label"].names == ["a", "b", "c"]  # string labels became a ClassLabel
+
+
+def test_offline_metrics():
+    metrics = classification_metrics([0, 0, 1, 1, 2, 2], [0, 0, 1, 2, 2, 2], ["a", "b", "c"])
+    assert metrics["accuracy"] == pytest.approx(5 / 6)
+    assert metrics["per_class"]["b"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert metrics["macro_f1"] == pytest.approx((1 + 2 / 3 + 0.8) / 3)
+    assert metrics["confusion_matrix"] == [[2, 0, 0], [0, 1, 1], [0, 0, 2]]
+    same = text_metrics(["a red square on grey"], ["a red square on grey"])
+    assert same == {"exact_match": 1.0, "bleu": pytest.approx(100.0), "rougeL": pytest.approx(1.0)}
+    other = text_metrics(["a red square on grey"], ["a blue circle"])
+    assert other["exact_match"] == 0.0 and other["bleu"] < 20 and 0 < other["rougeL"] < 0.5
+
+
+def test_fit_leaves_curves_confusion_matrix_and_tensorboard_logs(tmp_path, llm_dir, vit_dir, colours):
+    train, test = colours
+    model = attach(vit_dir, llm_dir)
+    out = tmp_path / "run"
+    model.fit(train, test, output_dir=str(out), max_steps=4, logging_steps=1, eval_strategy="steps", eval_steps=2,
+              save_strategy="no", report_to="tensorboard", learning_rate=5e-3, projector_lr=5e-3, disable_tqdm=True)
+    for name in ("training_curves.png", "confusion_matrix.png"):
+        with Image.open(out / name) as picture:
+            assert picture.size[0] > 200 and picture.size[1] > 200
+    events = [f for _, _, files in os.walk(out) for f in files if f.startswith("events.out.tfevents")]
+    assert events, "report_to='tensorboard' should write TensorBoard event files"

@@ -1,0 +1,198 @@
+"""save_pretrained / load / push_to_hub: identical logits after a round trip, clear errors for
+folders that do not fit, the Hub cache read offline, and an upload with only HTTP replaced."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+
+import httpx2 as httpx  # the HTTP client huggingface_hub is built on
+import huggingface_hub
+import pytest
+import torch
+from conftest import colour_dataset, save_llm, save_vision
+from huggingface_hub.utils._http import default_client_factory
+from safetensors.torch import load_file
+
+from vlm_adapters import AdapterLoadError, attach, load
+from vlm_adapters.config import CONFIG_NAME
+
+LABELS = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def images():
+    ds = colour_dataset(1, seed=11)
+    return [ds[i]["image"] for i in range(len(ds))]
+
+
+def _trained(model):
+    """Move every trainable weight off its initial value (LoRA B starts at zero), as training would."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return model
+
+
+def _scores(model, images):
+    return model.score_labels(model.vision.encode_images(images), LABELS, "What is shown in this image?")
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prefix", "none"])
+def test_save_then_load_gives_identical_logits(tmp_path, llm_dir, vit_dir, images, adapter):
+    model = _trained(attach(vit_dir, llm_dir, adapter=adapter))
+    before = _scores(model, images)
+    folder = model.save_pretrained(str(tmp_path / "adapter"))
+    expected = {CONFIG_NAME, "projector.safetensors", "README.md"}
+    if adapter != "none":
+        expected |= {"adapter_config.json", "adapter_model.safetensors"}
+    assert set(os.listdir(folder)) == expected  # only what was trained, no pickles, no base weights
+    config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert config["vision"] == vit_dir and config["llm"] == llm_dir and config["adapter"] == adapter
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "vlm_adapters" in card and "from vlm_adapters import load" in card
+
+    again = load(folder)
+    torch.testing.assert_close(_scores(again, images), before, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        load_file(os.path.join(folder, "projector.safetensors"))["norm.weight"], again.projector.norm.weight.detach()
+    )
+
+
+def test_loading_onto_a_different_base_fails_clearly(tmp_path, llm_dir, vit_dir):
+    folder = attach(vit_dir, llm_dir).save_pretrained(str(tmp_path / "adapter"))
+    other_llm = save_llm(str(tmp_path / "qwen"), "qwen2")
+    with pytest.raises(AdapterLoadError, match="trained on a llm base .* Load it onto the same base"):
+        load(folder, llm=other_llm)
+    other_vision = save_vision(str(tmp_path / "siglip"), "siglip")  # 16 patch tokens without CLS, as the ViT
+    shutil.copy(os.path.join(other_vision, "config.json"), tmp_path / "siglip.json")
+    bigger = json.loads((tmp_path / "siglip.json").read_text()) | {"hidden_size": 48, "num_attention_heads": 4}
+    (tmp_path / "siglip" / "config.json").write_text(json.dumps(bigger))
+    with pytest.raises((AdapterLoadError, RuntimeError, ValueError)):
+        load(folder, vision=other_vision)
+
+
+def test_folder_without_projector_fails_loudly(tmp_path, llm_dir, vit_dir):
+    folder = attach(vit_dir, llm_dir).save_pretrained(str(tmp_path / "adapter"))
+    os.remove(os.path.join(folder, "projector.safetensors"))
+    with pytest.raises(AdapterLoadError, match="no projector.safetensors"):
+        load(folder)
+
+
+def test_pickled_weights_are_refused_unless_allowed(tmp_path, llm_dir, vit_dir, images):
+    model = _trained(attach(vit_dir, llm_dir))
+    folder = model.save_pretrained(str(tmp_path / "adapter"))
+    projector = load_file(os.path.join(folder, "projector.safetensors"))
+    os.remove(os.path.join(folder, "projector.safetensors"))
+    torch.save(projector, os.path.join(folder, "projector.bin"))
+    with pytest.raises(AdapterLoadError, match="pickle.*refused.*allow_pickle=True"):
+        load(folder)
+    allowed = load(folder, allow_pickle=True)  # read with torch.load(weights_only=True)
+    torch.testing.assert_close(_scores(allowed, images), _scores(model, images), rtol=0, atol=1e-5)
+
+
+def test_config_is_validated_before_any_weight_is_read(tmp_path, llm_dir, vit_dir):
+    folder = attach(vit_dir, llm_dir).save_pretrained(str(tmp_path / "adapter"))
+    path = os.path.join(folder, CONFIG_NAME)
+    for name in ("projector.safetensors", "adapter_model.safetensors"):
+        with open(os.path.join(folder, name), "wb") as fh:
+            fh.write(b"not weights")  # reading these would fail differently
+    config = json.loads(open(path).read())
+    for field, value, message in [
+        ("projector", "mlp9x", "projector='mlp9x' is not valid"),
+        ("lora_r", -4, "lora_r=-4 is not valid"),
+        ("lora_dropout", "high", "lora_dropout='high' is not valid"),
+        ("surprise", 1, "Unknown keys \\['surprise'\\]"),
+    ]:
+        with open(path, "w") as fh:
+            json.dump(config | {field: value}, fh)
+        with pytest.raises(ValueError, match=message):
+            load(folder)
+    with open(path, "w") as fh:
+        fh.write("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load(folder)
+
+
+def test_in_memory_base_must_be_named_on_load(tmp_path, llm_dir, vit_dir):
+    from transformers import ViTImageProcessor, ViTModel
+
+    encoder = ViTModel.from_pretrained(vit_dir, add_pooling_layer=False)
+    model = attach(encoder, llm_dir, image_processor=ViTImageProcessor.from_pretrained(vit_dir))
+    folder = model.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(AdapterLoadError, match="in-memory vision module.*load\\(.*vision="):
+        load(folder)
+    assert load(folder, vision=encoder, image_processor=ViTImageProcessor.from_pretrained(vit_dir))
+
+
+def _put_in_hub_cache(cache: str, repo_id: str, folder: str, commit: str, branch: str) -> None:
+    """The layout huggingface_hub writes when it downloads a repo: blobs, snapshots/<commit>, refs/<branch>."""
+    repo = os.path.join(cache, "models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, os.path.join(repo, "snapshots", commit), dirs_exist_ok=True)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", branch), "w") as fh:
+        fh.write(commit)
+
+
+def test_load_by_repo_id_reads_the_hub_cache_offline(tmp_path, llm_dir, vit_dir, images, monkeypatch):
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # conftest forces it: any network call would raise
+    cache = str(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+    first = _trained(attach(vit_dir, llm_dir))
+    _put_in_hub_cache(cache, "me/colours", first.save_pretrained(str(tmp_path / "v1")), "a" * 40, "main")
+    second = _trained(_trained(attach(vit_dir, llm_dir)))
+    _put_in_hub_cache(cache, "me/colours", second.save_pretrained(str(tmp_path / "v2")), "b" * 40, "v2")
+
+    torch.testing.assert_close(_scores(load("me/colours"), images), _scores(first, images), rtol=0, atol=1e-5)
+    from_branch = load("me/colours", revision="v2")
+    torch.testing.assert_close(_scores(from_branch, images), _scores(second, images), rtol=0, atol=1e-5)
+    with pytest.raises(Exception, match="(?i)offline|cannot find|not.*cache"):
+        load("me/not-there")
+
+
+def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_dir, vit_dir, monkeypatch):
+    """Only the HTTP layer is replaced: huggingface_hub builds the real create-repo and commit requests."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    requests: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        path = request.url.path
+        if path == "/api/repos/create":
+            return httpx.Response(200, json={"url": "https://huggingface.co/me/colours", "name": "me/colours"})
+        if path == "/api/validate-yaml":  # the model card's metadata
+            return httpx.Response(200, json={"errors": [], "warnings": []})
+        if "/preupload/" in path:
+            files = json.loads(request.content)["files"]
+            return httpx.Response(200, json={"files": [
+                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
+            ]})
+        if "/commit/" in path:
+            return httpx.Response(200, json={
+                "commitUrl": "https://huggingface.co/me/colours/commit/" + "c" * 40, "commitOid": "c" * 40,
+                "commitMessage": "Upload", "pullRequestUrl": None,
+            })
+        return httpx.Response(404, json={"error": f"unexpected {request.method} {path}"})
+
+    huggingface_hub.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(handler)))
+    try:
+        model = attach(vit_dir, llm_dir)
+        url = model.push_to_hub("me/colours", token="hf_SecretToken0123456789", private=True)
+    finally:
+        huggingface_hub.set_client_factory(default_client_factory)
+        huggingface_hub.close_session()
+    assert url.endswith("c" * 40)
+    create = next(r for r in requests if r.url.path == "/api/repos/create")
+    assert json.loads(create.content) == {"name": "colours", "organization": "me", "visibility": "private"}
+    assert create.headers["authorization"] == "Bearer hf_SecretToken0123456789"
+    commit = next(r for r in requests if "/commit/" in r.url.path)
+    lines = [json.loads(line) for line in commit.content.decode().splitlines()]
+    uploaded = {line["value"]["path"]: line["value"] for line in lines if line["key"] == "file"}
+    assert set(uploaded) == {CONFIG_NAME, "projector.safetensors", "adapter_config.json",
+                             "adapter_model.safetensors", "README.md"}
+    for name, entry in uploaded.items():
+        assert b"hf_SecretToken" not in base64.b64decode(entry["content"]), name
