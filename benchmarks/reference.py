@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from vlm_adapters.data import pad_right
 from vlm_adapters.model import VisionLanguageModel
-from vlm_adapters.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID
+from vlm_adapters.prompting import IMAGE_TOKEN_ID
 
 
 class ReferenceModel(nn.Module):
@@ -47,25 +48,23 @@ class ReferenceCollator:
         self.vlm, self.names = vlm, names
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        encoded = [self.vlm.prompts.encode(self.vlm.config.classify_prompt, self.names[r["label"]]) for r in rows]
-        width = max(len(e.input_ids) for e in encoded)
-        pad = self.vlm.pad_token_id
-        return {
-            "input_ids": torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in encoded]),
-            "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encoded]),
-            "labels": torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in encoded]),
-            "pixel_values": self.vlm.vision.preprocess([r["image"] for r in rows]),
-        }
+        prompt = self.vlm.config.classify_prompt
+        encoded = [self.vlm.prompts.encode(prompt, self.names[r["label"]]) for r in rows]
+        batch = pad_right(encoded, self.vlm.pad_token_id)
+        return {**batch, "pixel_values": self.vlm.vision.preprocess([r["image"] for r in rows])}
 
 
 def reference_trainer(vlm: VisionLanguageModel, train: Any, names: list[str], args: Any) -> Trainer:
     """A Trainer on the reference model; pass `gradient_checkpointing=True` in `args` for the cookbook
     recipe (the benchmark does), and call `vlm.base_llm.gradient_checkpointing_disable()` afterwards."""
-    return Trainer(model=ReferenceModel(vlm), args=args, train_dataset=train, data_collator=ReferenceCollator(vlm, names))
+    collator = ReferenceCollator(vlm, names)
+    return Trainer(model=ReferenceModel(vlm), args=args, train_dataset=train, data_collator=collator)
 
 
 @torch.no_grad()
-def classify_by_generate(vlm: VisionLanguageModel, images: list[Any], names: list[str], max_new_tokens: int = 8) -> list[int]:
+def classify_by_generate(
+    vlm: VisionLanguageModel, images: list[Any], names: list[str], max_new_tokens: int = 8
+) -> list[int]:
     """`generate(inputs_embeds=...)` then match the text to a class name (-1 when nothing matches)."""
     vlm.eval()
     ids = torch.tensor([vlm.prompts.encode(vlm.config.classify_prompt).input_ids] * len(images))

@@ -6,7 +6,6 @@ Nothing here touches the network: HF_HUB_OFFLINE is forced on for the whole sess
 from __future__ import annotations
 
 import os
-
 import shutil
 import tempfile
 
@@ -94,8 +93,15 @@ def save_llm(path: str, family: str = "llama", chat_template: str | None = CHATM
 
 def save_vision(path: str, family: str = "vit") -> str:
     from transformers import (
-        CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel,
-        ViTConfig, ViTImageProcessor, ViTModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
     )
 
     torch.manual_seed(0)

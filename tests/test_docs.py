@@ -25,3 +25,8 @@ def test_readme_opens_with_the_two_commands():
     commands = [block.split("\n")[1] for block in text.split("```bash")[1:3]]
     assert commands == ["./setup.sh && .venv/bin/vlm-adapters demo", "./setup.sh && .venv/bin/python -m pytest -q"]
     assert text.index("```bash") < text.index("## ")  # before anything else
+
+
+def test_ruff_clean():
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]

@@ -196,3 +196,37 @@ def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_d
                              "adapter_model.safetensors", "README.md"}
     for name, entry in uploaded.items():
         assert b"hf_SecretToken" not in base64.b64decode(entry["content"]), name
+
+
+def test_a_failed_save_leaves_the_previous_adapter_intact(tmp_path, llm_dir, vit_dir, images, monkeypatch):
+    from vlm_adapters import hub
+
+    model = _trained(attach(vit_dir, llm_dir))
+    folder = model.save_pretrained(str(tmp_path / "adapter"))
+    before = sorted(os.listdir(folder)), _scores(load(folder), images)
+    real_save_file = hub.save_file
+
+    def disk_full(*args, **kwargs):
+        real_save_file(*args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hub, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _trained(model).save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == before[0]
+    assert [n for n in os.listdir(tmp_path) if n != "adapter"] == []  # no staging folder left behind
+    torch.testing.assert_close(_scores(load(folder), images), before[1], rtol=0, atol=0)
+
+
+def test_code_in_a_base_folder_is_never_run(tmp_path, llm_dir, vit_dir):
+    """A config's `auto_map` points at code; without trust_remote_code=True it must not be imported."""
+    folder = attach(vit_dir, llm_dir).save_pretrained(str(tmp_path / "adapter"))
+    tricked = tmp_path / "llm"
+    shutil.copytree(llm_dir, tricked)
+    marker = tmp_path / "code_ran"
+    (tricked / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((tricked / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel", "AutoConfig": "evil.EvilConfig"}
+    (tricked / "config.json").write_text(json.dumps(config))
+    load(folder, llm=str(tricked))
+    assert not marker.exists()

@@ -50,7 +50,7 @@ def test_feature_layer_is_configurable(tmp_path, llm_dir, vit_dir, image):
 
 def test_timm_models(llm_dir, image):
     timm = pytest.importorskip("timm")
-    for name, tokens in (("test_vit", None), ("test_resnet", None)):
+    for name in ("test_vit", "test_resnet"):
         encoder = timm.create_model(name, pretrained=False)
         model = attach(encoder, llm_dir)
         assert model.vision.kind == "timm"

@@ -81,7 +81,9 @@ def assemble(
         source = config.llm or getattr(base, "name_or_path", None)
         if not source:
             raise ValueError("the llm was passed as a module without a name; pass tokenizer= as well.")
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=config.llm_revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=config.llm_revision, trust_remote_code=trust_remote_code
+        )
     signature = vision_signature(tower)
     projector = Projector(
         signature["hidden_size"],

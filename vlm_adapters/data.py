@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .images import ImageLoadError, load_image
-from .prompting import IGNORE_INDEX
+from .prompting import IGNORE_INDEX, EncodedPrompt
 
 if TYPE_CHECKING:
     from .model import VisionLanguageModel
@@ -82,6 +82,16 @@ def label_text(label: Any, names: Sequence[str] | None) -> str:
     return names[label] if isinstance(label, (int, np.integer)) and names else str(label)
 
 
+def pad_right(encoded: Sequence[EncodedPrompt], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / labels padded on the right to the longest row."""
+    width = max(len(e.input_ids) for e in encoded)
+    return {
+        "input_ids": torch.tensor([e.input_ids + [pad_token_id] * (width - len(e.input_ids)) for e in encoded]),
+        "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encoded]),
+        "labels": torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in encoded]),
+    }
+
+
 class VLMCollator:
     """Turns examples into `model(**batch)` inputs: input_ids, attention_mask, labels and the image.
 
@@ -109,15 +119,18 @@ class VLMCollator:
             return config.describe_prompt, self.describe_template.format(label=name)
         return example.get("prompt") or config.classify_prompt, name
 
+    def encode(self, example: dict[str, Any]) -> EncodedPrompt:
+        return self.model.prompts.encode(*self.text(example))
+
+    def lengths(self, data: datasets.Dataset) -> list[int]:
+        """Token count of every row, for the Trainer's `group_by_length` sampler (rows of similar length
+        share a batch, so little compute goes to padding). Meant for free text: with label data the
+        length follows the class, and grouped batches would each hold one class."""
+        text_columns = [c for c in ("label", "answer", "prompt", "describe") if c in data.column_names]
+        return [len(self.encode(row).input_ids) for row in data.select_columns(text_columns)]
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        encoded = [self.model.prompts.encode(*self.text(ex)) for ex in examples]
-        width = max(len(e.input_ids) for e in encoded)
-        pad = self.model.pad_token_id
-        batch = {
-            "input_ids": torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in encoded]),
-            "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encoded]),
-            "labels": torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in encoded]),
-        }
+        batch = pad_right([self.encode(ex) for ex in examples], self.model.pad_token_id)
         if FEATURES_COLUMN in examples[0]:
             batch[FEATURES_COLUMN] = torch.stack([torch.as_tensor(ex[FEATURES_COLUMN]) for ex in examples]).float()
         else:
@@ -208,7 +221,7 @@ def load_data(source: str, split: str = "train") -> datasets.Dataset:
     """A dataset from where users keep one: an `imagefolder` directory (class sub-folders), a CSV /
     JSON Lines file with an image-path column, a folder written by `save_to_disk`, or a Hub dataset id."""
     if os.path.isdir(source):
-        if os.path.exists(os.path.join(source, "dataset_info.json")) or os.path.exists(os.path.join(source, "state.json")):
+        if any(os.path.exists(os.path.join(source, name)) for name in ("dataset_info.json", "state.json")):
             return datasets.load_from_disk(source)
         loaded = datasets.load_dataset("imagefolder", data_dir=source)
     elif source.endswith((".csv", ".json", ".jsonl")):
@@ -216,7 +229,8 @@ def load_data(source: str, split: str = "train") -> datasets.Dataset:
         data = datasets.load_dataset(builder, data_files=source, split="train")
         root = os.path.dirname(os.path.abspath(source))
         if "image" in data.column_names:  # image paths are relative to the file
-            data = data.map(lambda row: {"image": os.path.join(root, row["image"])}).cast_column("image", datasets.Image())
+            data = data.map(lambda row: {"image": os.path.join(root, row["image"])})
+            data = data.cast_column("image", datasets.Image())
         return data
     else:
         loaded = datasets.load_dataset(source)
@@ -225,7 +239,9 @@ def load_data(source: str, split: str = "train") -> datasets.Dataset:
     return loaded[split]
 
 
-def split_for_eval(data: datasets.Dataset, test_size: float = 0.1, seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
+def split_for_eval(
+    data: datasets.Dataset, test_size: float = 0.1, seed: int = 0
+) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Hold out a validation split, stratified by class when the data has class labels."""
     stratify = "label" if isinstance(data.features.get("label"), datasets.ClassLabel) else None
     if stratify is None and "label" in data.column_names:

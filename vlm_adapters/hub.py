@@ -162,7 +162,8 @@ def _check_weight_files(directory: str, config: AdapterConfig, allow_pickle: boo
     if missing and pickles and not allow_pickle:
         raise AdapterLoadError(
             f"{directory} holds pickle weights {pickles} instead of {missing}. Pickles can run code when "
-            "loaded, so they are refused; convert them to safetensors, or pass allow_pickle=True if you trust the source."
+            "loaded, so they are refused; convert them to safetensors, or pass allow_pickle=True if you trust "
+            "the source."
         )
     if PROJECTOR_FILE not in files and not (allow_pickle and pickles):
         raise AdapterLoadError(
@@ -242,8 +243,11 @@ def load(
         device=device,
         trust_remote_code=trust_remote_code,
     )
-    _check_signature("vision", saved_vision, config.vision_signature, vision_source if isinstance(vision_source, str) else None)
-    _check_signature("llm", saved_llm, config.llm_signature, llm_source if isinstance(llm_source, str) else None)
+    for kind, saved, found, source_name in (
+        ("vision", saved_vision, config.vision_signature, vision_source),
+        ("llm", saved_llm, config.llm_signature, llm_source),
+    ):
+        _check_signature(kind, saved, found, source_name if isinstance(source_name, str) else None)
     try:
         projector.load_state_dict(_read_projector(directory, allow_pickle), strict=True)
     except RuntimeError as err:

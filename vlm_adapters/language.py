@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from .config import AdapterConfig

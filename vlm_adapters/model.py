@@ -2,10 +2,11 @@
 
 The forward pass splices projected patch embeddings into `inputs_embeds` at the image
 placeholders and computes logits only where the labels supervise (the answer), not over the
-whole sequence x vocabulary. `classify` and `describe` run their own small decoding loops:
-one prefill of image + prompt, then every candidate label scored against that shared KV cache
-(or greedy steps), which works the same for LoRA and for PEFT prefix tuning (whose
-`generate(inputs_embeds=...)` fails).
+whole sequence x vocabulary. `classify` scores every candidate label in one pass (the labels'
+tokens fed as a trie after the prompt, see `scoring.py`); `describe` decodes greedily from the
+prompt's KV cache. Both run the prompt's image-independent head once per batch and call the base
+model with the PEFT prefix (if any) in the cache, so they work the same for LoRA and for prefix
+tuning (whose `generate(inputs_embeds=...)` fails).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
+from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
@@ -133,7 +134,10 @@ class VLMTrainer(Trainer):
         output = super().evaluation_loop(dataloader, description, *args, **kwargs)
         if self.eval_labels:
             prefix = kwargs.get("metric_key_prefix", "eval")
-            scores = evaluate(self.model, dataloader.dataset, batch_size=self.args.per_device_eval_batch_size)
+            scores = evaluate(
+                self.model, dataloader.dataset, batch_size=self.args.per_device_eval_batch_size,
+                progress=not self.args.disable_tqdm,
+            )
             output.metrics.update({f"{prefix}_{k}": scores[k] for k in ("accuracy", "macro_f1")})
         return output
 
@@ -197,6 +201,8 @@ def fit(
         draw = np.random.default_rng(training_args.get("seed", DEFAULT_ARGS["seed"])).random(len(train_ds))
         train_ds = train_ds.add_column("describe", (draw < ratio).tolist())
     collator = VLMCollator(model, names, describe_template=describe_template)
+    if args.get("train_sampling_strategy") == "group_by_length":
+        train_ds = train_ds.add_column("length", collator.lengths(train_ds))
     callbacks = list(callbacks or [])
     if eval_ds is not None:
         args.setdefault("eval_strategy", args["save_strategy"])
@@ -207,7 +213,9 @@ def fit(
             args.update(load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=bool(names))
             callbacks.append(EarlyStoppingCallback(early_stopping_patience))
     if model.config.adapter == "prefix" and args.get("gradient_checkpointing"):
-        raise ValueError("PEFT prefix tuning does not support gradient checkpointing; set gradient_checkpointing=False.")
+        raise ValueError(
+            "PEFT prefix tuning does not support gradient checkpointing; set gradient_checkpointing=False."
+        )
     model.to(model.device)
     stages = [("align", align_epochs)] if align_epochs > 0 and model.config.adapter != "none" else []
     stages.append(("finetune", args["num_train_epochs"]))
@@ -252,6 +260,7 @@ def evaluate(
     prompt: str | None = None,
     output_dir: str | None = None,
     max_new_tokens: int = 48,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Classification metrics for label data (label scoring over the class names), text metrics otherwise.
 
@@ -263,7 +272,7 @@ def evaluate(
     model.eval()
     try:
         true, pred, refs, outs = [], [], [], []
-        for start in range(0, len(data), batch_size):
+        for start in tqdm(range(0, len(data), batch_size), desc="Evaluating", unit="batch", disable=not progress):
             rows = data[start : start + batch_size]
             if FEATURES_COLUMN in rows:
                 features = torch.as_tensor(rows[FEATURES_COLUMN]).float()

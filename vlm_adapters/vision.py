@@ -118,7 +118,9 @@ class VisionTower(nn.Module):
     def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images of any supported kind -> pixel tensor [B, 3, H, W] via the encoder's processor."""
         pil: list[Image.Image] = [load_image(image) for image in images]
-        out = self.image_processor(pil) if self.kind == "timm" else self.image_processor(images=pil, return_tensors="pt")
+        if self.kind == "timm":
+            return self.image_processor(pil)
+        out = self.image_processor(images=pil, return_tensors="pt")
         return out if isinstance(out, torch.Tensor) else out["pixel_values"]
 
     @torch.no_grad()
