@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import tempfile
 
 import torch
@@ -224,16 +223,6 @@ def merge_and_export(model: VisionLanguageModel, directory: str | os.PathLike[st
     `directory` is either the old folder or the complete new one. Returns its absolute path.
     """
     check_exportable(model)  # before any loading or writing
-    from .hub import replace_directory
+    from .hub import write_atomically
 
-    directory = os.path.abspath(os.fspath(directory))
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        write_export(model, staging)
-        replace_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+    return write_atomically(directory, lambda staging: write_export(model, staging))

@@ -14,6 +14,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,19 +67,25 @@ def write_adapter_files(model: VisionLanguageModel, directory: str) -> None:
     model_card(model).save(os.path.join(directory, "README.md"))
 
 
-def save_pretrained(model: VisionLanguageModel, directory: str) -> str:
-    """Write the adapter atomically: into a temporary sibling folder, then renamed over `directory`."""
-    directory = os.path.abspath(directory)
+def write_atomically(directory: str | os.PathLike, write: Callable[[str], None]) -> str:
+    """Run `write` into a temporary sibling folder, then rename it over `directory`: a crash or a
+    full disk leaves the previous folder as it was. Returns the absolute path."""
+    directory = os.path.abspath(os.fspath(directory))
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
-        write_adapter_files(model, staging)
+        write(staging)
         replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def save_pretrained(model: VisionLanguageModel, directory: str) -> str:
+    """Write the adapter atomically (see `write_atomically`)."""
+    return write_atomically(directory, lambda staging: write_adapter_files(model, staging))
 
 
 def model_card(model: VisionLanguageModel) -> ModelCard:
