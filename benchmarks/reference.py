@@ -29,9 +29,9 @@ class ReferenceModel(nn.Module):
         super().__init__()
         self.vlm = vlm  # reuse its encoder, projector and PEFT-wrapped LLM: identical parameters
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         """What the Trainer calls for `gradient_checkpointing=True`; the LLM is the part it applies to."""
-        self.vlm.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+        self.vlm.base_llm.gradient_checkpointing_enable(**kwargs)
 
     def forward(self, input_ids, attention_mask, labels, pixel_values, **_: Any):
         vlm = self.vlm

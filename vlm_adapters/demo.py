@@ -27,17 +27,19 @@ from .hub import load
 
 @dataclass
 class DemoOptions:
-    """Sizes of the demo run; the defaults finish in about 10 minutes on a 2-core CPU."""
+    """Sizes of the demo run. The defaults took 13.6 minutes on a 2-core CPU with the assets cached
+    (docs/results.md); one epoch over more images beat two over fewer (84.8% vs 82.6% accuracy)."""
 
     output_dir: str = "runs/demo"
-    train_per_class: int = 150
+    train_per_class: int = 280
     test_per_class: int = 50
     zero_shot_per_class: int = 10
     describe_images: int = 30
-    num_train_epochs: float = 2.0
+    num_train_epochs: float = 1.0
     num_image_tokens: int = 16
     learning_rate: float = 5e-4
     projector_lr: float = 1e-3
+    describe_ratio: float = 0.25
     per_device_train_batch_size: int = 8
     system_prompt: str = "You classify images."
     seed: int = 0
@@ -115,6 +117,7 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
             num_train_epochs=opts.num_train_epochs,
             learning_rate=opts.learning_rate,
             projector_lr=opts.projector_lr,
+            describe_ratio=opts.describe_ratio,
             per_device_train_batch_size=opts.per_device_train_batch_size,
             save_strategy="no",
             seed=opts.seed,
