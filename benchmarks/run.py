@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
@@ -451,7 +452,7 @@ def time_classifiers(
 def bench_classify(ctx: Context) -> dict[str, Any]:
     model = ctx.library_trained_model()
     log(f"classify: {len(ctx.test_images)} test images, {len(ctx.names)} classes")
-    features = torch.as_tensor(ctx.features("test").with_format("torch")["image_features"]).float()
+    features = torch.from_numpy(np.asarray(ctx.features("test").with_format("numpy")["image_features"])).float()
     classifiers = {**CLASSIFIERS, "cached": classify_cached(features)}
     res = time_classifiers(ctx, model, ctx.test_images, ctx.names, classifiers)
     truth = ctx.test_truth
@@ -620,6 +621,7 @@ def report_memory(ctx: Context, res: dict[str, Any]) -> str:
     peak, net, net_libs, runs = res["peak"], res["net"], res["net_libs"], res["runs"]
     fp = {m: runs[m][0]["footprint_mib"] for m in ("bf16", "nf4")}
     secs = {m: [x["seconds"] for x in runs[m]] for m in ("bf16", "nf4")}
+    rss = {(m, k): [x["status_mib"][k] for x in runs[m]] for m in ("bf16", "nf4") for k in ("RssAnon", "RssFile")}
     cfg = ", ".join(f"{k}={v}" for k, v in res["config"].items())
     def verdict(values: list[float]) -> str:
         med = statistics.median(values)
@@ -650,6 +652,16 @@ def report_memory(ctx: Context, res: dict[str, Any]) -> str:
         f"{stat(net_libs['bf16'])} | {stat(net_libs['nf4'])} | {stat(res['ratio_net_libs'], suffix='x')} |",
         f"| `get_memory_footprint()` MiB | | {num(fp['bf16'])} | {num(fp['nf4'])} | {fp['nf4'] / fp['bf16']:.2f}x |",
         f"| load + forward, s | | {stat(secs['bf16'])} | {stat(secs['nf4'])} | |",
+        f"| at the end: anonymous memory (`RssAnon`), MiB | | {stat(rss['bf16', 'RssAnon'])} | "
+        f"{stat(rss['nf4', 'RssAnon'])} | |",
+        "| at the end: file-backed pages (`RssFile`: the mmapped checkpoint), MiB | | "
+        f"{stat(rss['bf16', 'RssFile'])} | "
+        f"{stat(rss['nf4', 'RssFile'])} | |",
+        "",
+        "transformers maps the safetensors checkpoint into memory. A bf16 model's weights are those mapped pages; "
+        "an NF4 load reads every page of the same bf16 file to quantize it, so the whole file counts in its RSS too, "
+        "on top of the quantized weights it allocates. The quantized model itself is about a third of the bf16 one "
+        "(`get_memory_footprint`), but peak RSS during the load is larger.",
         "",
         f"Target NF4 <= 0.45x bf16: raw peaks {verdict(res['ratio_raw'])}; peaks minus the import baseline "
         f"{verdict(res['ratio_net'])}; minus the baselines with libraries {verdict(res['ratio_net_libs'])}. "
@@ -904,8 +916,8 @@ def report_peak(ctx: Context, res: dict[str, Any]) -> str:
         "gradients the frozen NF4 weights never get, so it overstates the work; the second row counts what is "
         f"computed (4N x tokens + LoRA's weight gradients + the head = {f['computed'] / 1e9:.1f} GFLOP per sample, "
         "NF4 dequantization and attention not counted). The LLM computes "
-        "in float32 here (`compute_dtype` default: NF4 weights are dequantized to fp32), so the fp32 peak is the "
-        "relevant ceiling; the bf16 share is the one asked for.",
+        "in bfloat16 where the CPU has AVX512-BF16 (`compute_dtype=\"auto\"`: NF4 weights are dequantized to bf16), "
+        "so the bf16 peak is the relevant ceiling; LoRA, norms and the head stay float32.",
         "",
         "| | GFLOP/s, median (min-max) | share of bf16 peak | share of fp32 peak |",
         "|---|---|---|---|",
