@@ -102,3 +102,17 @@ def test_evaluate_free_text_dataset(llm_dir, vit_dir):
     metrics = model.evaluate(rows, max_new_tokens=4)
     assert {"exact_match", "bleu", "rougeL"} <= set(metrics)
     assert len(metrics["predictions"]) == 3
+
+
+def test_fit_standardizes_the_projector_input_with_training_statistics(tmp_path, llm_dir, vit_dir, colours):
+    from vlm_adapters import load
+
+    train, _ = colours
+    model = attach(vit_dir, llm_dir)
+    assert not model.projector.standardizes  # identity until fit has seen training features
+    model.fit(train, output_dir=str(tmp_path / "run"), max_steps=1, save_strategy="no", disable_tqdm=True)
+    tokens = model.vision.encode_images([row["image"] for row in train]).reshape(-1, 32)
+    torch.testing.assert_close(model.projector.feature_mean, tokens.mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.projector.feature_scale, 1 / tokens.std(0, unbiased=False), rtol=1e-3, atol=1e-3)
+    again = load(model.save_pretrained(str(tmp_path / "adapter")))  # the statistics travel with the projector
+    assert torch.equal(again.projector.feature_scale, model.projector.feature_scale)

@@ -175,9 +175,12 @@ def build_llava(
     vision.load_state_dict({k: v.detach().cpu() for k, v in encoder.state_dict().items() if k in wanted})
     projector = type(llava.model.multi_modal_projector)(config)
     first, _, second = model.projector.proj
+    # The per-channel standardisation (x - mean) * scale is affine: fold it into linear_1.
+    mean, scale = model.projector.feature_mean, model.projector.feature_scale
+    weight = first.weight * scale
     projector.load_state_dict(
         {
-            "linear_1.weight": first.weight, "linear_1.bias": first.bias,
+            "linear_1.weight": weight, "linear_1.bias": first.bias - weight @ mean,
             "linear_2.weight": second.weight, "linear_2.bias": second.bias,
         }
     )

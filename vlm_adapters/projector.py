@@ -3,6 +3,8 @@
 Optional pooling first reduces N to k tokens (fewer tokens = faster training and inference):
 - "avg": adaptive average pooling over the 2-D patch grid (or the sequence when N is not square);
 - "pixel_shuffle": nanoVLM's space-to-depth, merging r x r neighbours into one token of r*r*C channels.
+Before pooling, each feature channel is standardised with the training set's mean and std (set by
+`fit` from the cached features; an affine map `merge_and_export` folds into Llava's first linear).
 Then `linear` (LLaVA) or `mlp2x_gelu` (LLaVA-1.5), after a LayerNorm of the input features: unlike
 ViT hidden states, CNN feature maps (e.g. EfficientNet's post-activation 1280 channels) have
 scales far from the LLM's token embeddings, and without the norm early steps blow the LLM up.
@@ -13,6 +15,7 @@ Always kept in float32 and never quantized.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -36,6 +39,12 @@ class Projector(nn.Module):
         norm: bool = True,
     ) -> None:
         super().__init__()
+        # Per-channel statistics of the encoder's features, set from the training data by `fit`
+        # (identity until then). CNN channels differ in scale by orders of magnitude; standardising
+        # them, as a linear probe on the same features does, keeps a few loud channels from
+        # dominating the per-token LayerNorm.
+        self.register_buffer("feature_mean", torch.zeros(vision_hidden_size))
+        self.register_buffer("feature_scale", torch.ones(vision_hidden_size))
         self.num_vision_tokens = num_vision_tokens
         self.num_image_tokens = num_image_tokens or num_vision_tokens
         self.pooling = pooling if self.num_image_tokens != num_vision_tokens else "none"
@@ -75,5 +84,22 @@ class Projector(nn.Module):
             return F.adaptive_avg_pool2d(grid, out_side).flatten(2).transpose(1, 2)
         return F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.num_image_tokens).transpose(1, 2)
 
+    @property
+    def standardizes(self) -> bool:
+        return bool(self.feature_mean.any() or (self.feature_scale != 1).any())
+
+    @torch.no_grad()
+    def set_feature_statistics(self, batches: Iterable[torch.Tensor]) -> None:
+        """Mean and 1/std per channel over every token of `batches` ([B, N, C] encoder features)."""
+        total, squares, count = 0.0, 0.0, 0
+        for tokens in batches:
+            flat = tokens.reshape(-1, tokens.shape[-1]).double()
+            total, squares, count = total + flat.sum(0), squares + (flat**2).sum(0), count + flat.shape[0]
+        mean = total / count
+        std = (squares / count - mean**2).clamp_min(0).sqrt()
+        self.feature_mean.copy_(mean.float())
+        self.feature_scale.copy_((1.0 / std.clamp_min(1e-6)).float())
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(self.pool(tokens.float())))
+        tokens = (tokens.float() - self.feature_mean) * self.feature_scale
+        return self.proj(self.norm(self.pool(tokens)))

@@ -196,6 +196,13 @@ def fit(
         with main_args.main_process_first(desc="encoding images"):  # one process writes the cache
             train_ds = with_image_features(train_ds, model.vision, **encode)
             eval_ds = with_image_features(eval_ds, model.vision, **encode) if eval_ds is not None else None
+        if not model.projector.standardizes:  # a resumed or reloaded projector keeps its statistics
+            # 1024 rows spread over the whole set (tens of thousands of tokens) pin down the statistics.
+            picked = np.linspace(0, len(train_ds) - 1, min(len(train_ds), 1024)).round().astype(int)
+            rows = train_ds.select(np.unique(picked)).with_format("torch", columns=[FEATURES_COLUMN])
+            model.projector.set_feature_statistics(
+                rows[start : start + 256][FEATURES_COLUMN].to(model.device) for start in range(0, len(rows), 256)
+            )
     ratio = (0.25 if names else 0.0) if describe_ratio is None else describe_ratio
     if ratio > 0:
         draw = np.random.default_rng(training_args.get("seed", DEFAULT_ARGS["seed"])).random(len(train_ds))
