@@ -20,7 +20,7 @@ def main() -> None:
     model.fit(
         colour_dataset(16, seed=0), output_dir=out_dir, max_steps=4, per_device_train_batch_size=int(per_device),
         learning_rate=5e-3, projector_lr=5e-3, save_strategy="no", disable_tqdm=True, seed=0, describe_ratio=0.0,
-        logging_steps=1, train_sampling_strategy="random",  # length grouping orders rows per process count
+        logging_steps=1, train_sampling_strategy="random",
         ddp_backend="gloo" if os.environ.get("WORLD_SIZE") else None,
     )
     if int(os.environ.get("RANK", "0")) == 0:

@@ -89,18 +89,3 @@ def test_fit_leaves_curves_confusion_matrix_and_tensorboard_logs(tmp_path, llm_d
             assert picture.size[0] > 200 and picture.size[1] > 200
     events = [f for _, _, files in os.walk(out) for f in files if f.startswith("events.out.tfevents")]
     assert events, "report_to='tensorboard' should write TensorBoard event files"
-
-
-def test_length_grouped_batches_for_free_text(tmp_path, llm_dir, vit_dir):
-    from vlm_adapters import VLMCollator
-
-    ds = colour_dataset(4, seed=9)
-    rows = [{"image": ds[i]["image"], "answer": "a square " * (1 + i % 5)} for i in range(len(ds))]
-    model = attach(vit_dir, llm_dir)
-    collator = VLMCollator(model)
-    data = datasets.Dataset.from_list(rows)
-    lengths = collator.lengths(data)
-    assert lengths == [len(collator.encode(row).input_ids) for row in rows] and len(set(lengths)) == 5
-    result = model.fit(rows, output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
-                       train_sampling_strategy="group_by_length", save_strategy="no", disable_tqdm=True)
-    assert result["train_loss"] > 0

@@ -9,6 +9,7 @@ from conftest import colour_dataset, save_llm
 from peft import PeftModel
 
 from vlm_adapters import VisionLanguageModel, VLMCollator, attach
+from vlm_adapters.data import pad_right
 from vlm_adapters.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 LABELS = ["red", "green", "blue"]
@@ -116,6 +117,28 @@ def test_forward_loss_only_on_answer_tokens_and_plain_torch_loop(llm_dir, vit_di
         optim.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+def test_packed_training_forward_equals_the_padded_batch(llm_dir, vit_dir, images, adapter):
+    """The packed forward (shared heads, no padding) gives the loss and gradients of running every
+    padded row through the LLM on its own, with rows of two prompts and different lengths."""
+    model = attach(vit_dir, llm_dir, adapter=adapter, system_prompt="Be brief.")
+    model.train()
+    rows = [("What is shown in this image?", "red"), ("Describe this image.", "a green shape on white"),
+            ("What is shown in this image?", "a photo of a cat"), ("Describe this image.", "blue")]
+    batch = pad_right([model.prompts.encode(p, a) for p, a in rows], model.pad_token_id)
+    features = model.vision.encode_images(images[:4])
+    packed = model(**batch, image_features=features)
+    grad_packed = torch.autograd.grad(packed.loss, model.projector.proj[0].weight)[0]
+    embeds = model.embed(batch["input_ids"], model.image_embeddings(image_features=features))
+    mask = batch["attention_mask"]
+    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    targets = batch["labels"][:, 1:]
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1][targets != IGNORE_INDEX].float(), targets[targets != IGNORE_INDEX])
+    grad_plain = torch.autograd.grad(plain, model.projector.proj[0].weight)[0]
+    assert packed.loss.item() == pytest.approx(plain.item(), abs=1e-4)
+    torch.testing.assert_close(grad_packed, grad_plain, rtol=1e-3, atol=1e-5)
 
 
 def test_pixel_values_and_cached_features_give_the_same_loss(llm_dir, vit_dir):

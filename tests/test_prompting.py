@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import colour_dataset, save_llm, train_tokenizer
 
-from vlm_adapters import PromptTooLongError, attach
+from vlm_adapters import AdapterConfig, PromptTooLongError, attach
 from vlm_adapters.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID, PLAIN_TEMPLATE, PromptBuilder
 
 
@@ -32,7 +32,7 @@ def test_llm_without_chat_template_or_pad_token_uses_plain_template(tmp_path, vi
     assert model.tokenizer.pad_token is None and model.pad_token_id == model.tokenizer.eos_token_id
     enc = model.prompts.encode("What is it?", "red")
     text = model.tokenizer.decode([i for i in enc.input_ids if i != IMAGE_TOKEN_ID])
-    assert text.startswith("User: \nWhat is it?\nAssistant:") and text.endswith("red<|endoftext|>")
+    assert text.startswith("User: What is it?\n\nAssistant:") and text.endswith("red<|endoftext|>")
     image = colour_dataset(1)[0]["image"]
     assert sum(model.classify(image, ["red", "green"]).values()) == pytest.approx(1.0, abs=1e-5)
     assert isinstance(model.describe(image, max_new_tokens=3), str)
@@ -67,3 +67,17 @@ def test_bad_attach_options_name_the_field(llm_dir, vit_dir):
         attach(vit_dir, llm_dir, adapter="ia3")
     with pytest.raises(ValueError, match="quantization"):
         attach(vit_dir, llm_dir, quantization="nf3")
+
+
+def test_image_position_and_configs_saved_before_the_option():
+    tok = train_tokenizer()
+    text_first = PromptBuilder(tok, num_image_tokens=2, max_length=256).prompt_ids("Which colour?")
+    image_first = PromptBuilder(tok, num_image_tokens=2, max_length=256, image_first=True).prompt_ids("Which colour?")
+    question = tok("Which colour?", add_special_tokens=False)["input_ids"]
+    for ids, question_before_image in ((text_first, True), (image_first, False)):
+        ids = list(ids)
+        start = next(i for i in range(len(ids)) if ids[i : i + len(question)] == question)
+        assert (start < ids.index(IMAGE_TOKEN_ID)) == question_before_image
+    assert AdapterConfig().image_first is False
+    old = {k: v for k, v in AdapterConfig().to_dict().items() if k != "image_first"}
+    assert AdapterConfig.from_dict(old).image_first is True  # adapters from before the option put the image first

@@ -49,6 +49,9 @@ class AdapterConfig:
     classify_prompt: str = "What is shown in this image?"
     describe_prompt: str = "Describe this image."
     system_prompt: str | None = None
+    # The user turn: prompt then image (False), or LLaVA's image then prompt (True). Text first lets
+    # the model run the image-independent head once per batch; see prompting.py.
+    image_first: bool = False
     labels: list[str] = field(default_factory=list)
     format_version: int = 1
 
@@ -79,8 +82,9 @@ class AdapterConfig:
             not isinstance(self.num_image_tokens, int) or self.num_image_tokens < 1
         ):
             raise bad("num_image_tokens", "None or a positive integer")
-        if not isinstance(self.projector_norm, bool):
-            raise bad("projector_norm", "True or False")
+        for name in ("projector_norm", "image_first"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "True or False")
         if not isinstance(self.vision_feature_layer, int) or isinstance(self.vision_feature_layer, bool):
             raise bad("vision_feature_layer", "an integer layer index such as -1 or -2")
         if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
@@ -112,7 +116,8 @@ class AdapterConfig:
                 f"Unknown keys {unknown} in {CONFIG_NAME}; it was written by a newer vlm_adapters "
                 "or edited by hand. Upgrade vlm_adapters or remove those keys."
             )
-        return cls(**data)
+        # Adapters saved before the field existed were trained with the image first.
+        return cls(**{"image_first": True, **data})
 
     def save(self, directory: str | os.PathLike) -> None:
         with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as fh:

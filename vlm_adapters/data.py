@@ -122,13 +122,6 @@ class VLMCollator:
     def encode(self, example: dict[str, Any]) -> EncodedPrompt:
         return self.model.prompts.encode(*self.text(example))
 
-    def lengths(self, data: datasets.Dataset) -> list[int]:
-        """Token count of every row, for the Trainer's `group_by_length` sampler (rows of similar length
-        share a batch, so little compute goes to padding). Meant for free text: with label data the
-        length follows the class, and grouped batches would each hold one class."""
-        text_columns = [c for c in ("label", "answer", "prompt", "describe") if c in data.column_names]
-        return [len(self.encode(row).input_ids) for row in data.select_columns(text_columns)]
-
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = pad_right([self.encode(ex) for ex in examples], self.model.pad_token_id)
         if FEATURES_COLUMN in examples[0]:

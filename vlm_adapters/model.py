@@ -18,14 +18,14 @@ from typing import Any, TypeVar
 import torch
 from peft import PeftModel
 from torch import nn
-from torch.nn import functional as F
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import AdapterConfig
 from .images import ImageInput
+from .packing import PackedBatch
 from .projector import Projector
-from .prompting import IGNORE_INDEX, IMAGE_TOKEN_ID, PromptBuilder
+from .prompting import IMAGE_TOKEN_ID, PromptBuilder
 from .scoring import CandidateTree
 from .vision import VisionTower
 
@@ -78,7 +78,11 @@ class VisionLanguageModel(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(
-            tokenizer, projector.num_image_tokens, context_length(self.base_llm), config.system_prompt
+            tokenizer,
+            projector.num_image_tokens,
+            context_length(self.base_llm),
+            config.system_prompt,
+            config.image_first,
         )
         self.pad_token_id = next(
             (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
@@ -151,22 +155,26 @@ class VisionLanguageModel(nn.Module):
         image_features: torch.Tensor | None = None,
         **_: Any,
     ) -> CausalLMOutputWithPast:
-        """With labels: mean loss over the answer tokens, logits only at those positions ([num_answer_tokens, V])."""
+        """With labels: mean loss over the answer tokens, logits only at those positions ([num_answer_tokens, V]).
+
+        The batch runs packed into one row (`packing.py`): no padding, and the tokens before the image
+        (system turn + prompt) once for all rows that share them, each row attending to its own."""
         input_ids = input_ids.to(self.device)
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        image_embeds = self.image_embeddings(pixel_values, image_features)
         if labels is None:
+            embeds = self.embed(input_ids, image_embeds)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
             return CausalLMOutputWithPast(logits=out.logits)
-        targets = labels.to(self.device)[:, 1:]
-        supervised = targets != IGNORE_INDEX
-        keep = F.pad(supervised, (0, 1), value=False)  # position t predicts token t + 1
-        out = self.llm(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
-        )
-        loss = F.cross_entropy(out.logits.float(), targets[supervised])
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits)
+        batch = PackedBatch.build(input_ids, attention_mask, labels.to(self.device))
+        embeds = self.embed(batch.input_ids[None], image_embeds)
+        cache = self.llm.get_prompt(batch_size=1) if self.num_prefix_tokens else None
+        keep = batch.supervised.nonzero()[:, 0]
+        logprobs = self._feed(embeds, cache, batch.positions[None], batch.visible, keep)[0]
+        targets = batch.targets[keep]
+        loss = -logprobs.gather(-1, targets[:, None]).mean()
+        return CausalLMOutputWithPast(loss=loss, logits=logprobs)
 
     # ------------------------------------------------------------- inference
     def _features(self, images: Sequence[ImageInput]) -> torch.Tensor:
@@ -194,12 +202,17 @@ class VisionLanguageModel(nn.Module):
         return cache
 
     def _feed(
-        self, embeds: torch.Tensor, cache: DynamicCache, positions: torch.Tensor, visible: torch.Tensor, keep: Any
+        self,
+        embeds: torch.Tensor,
+        cache: DynamicCache | None,
+        positions: torch.Tensor,
+        visible: torch.Tensor,
+        keep: Any,
     ) -> torch.Tensor:
         """Feed `embeds` after the cached tokens; `visible[i, j]`: new token i attends new token j
         (every cached token is visible). Calls the base model: a prefix already sits in `cache`, and
         positions count from after it, as PEFT's own forward does. Returns log-probs at `keep`."""
-        past = cache.get_seq_length()
+        past = 0 if cache is None else cache.get_seq_length()
         allowed = torch.cat([visible.new_ones(visible.shape[0], past), visible], 1).to(self.device)
         mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=self.device)
         mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)  # additive: eager and SDPA alike
@@ -208,7 +221,7 @@ class VisionLanguageModel(nn.Module):
             attention_mask=mask.expand(embeds.shape[0], 1, -1, -1),
             position_ids=(self.num_prefix_tokens + positions.to(self.device)).expand(embeds.shape[0], -1),
             past_key_values=cache,
-            use_cache=True,
+            use_cache=cache is not None,
             logits_to_keep=keep,
         )
         return out.logits.float().log_softmax(-1)

@@ -1,5 +1,9 @@
 """`PromptBuilder`: token ids for (image, prompt, answer) through the LLM's own chat template.
 
+The user turn is the prompt, then the image (`image_first=False`, the default): everything before
+the image is then the same for every row that shares a prompt, so the model runs it once per batch
+(`model.py`). `image_first=True` gives LLaVA's order (image, then prompt).
+
 The image is a run of `IMAGE_TOKEN_ID` (-200, as in LLaVA) placeholders in `input_ids`; the model
 replaces them with projected patch embeddings, so the tokenizer's vocabulary and the LLM's
 embedding matrix are never changed (nothing but the projector and the adapter needs saving).
@@ -43,17 +47,20 @@ class PromptBuilder:
         num_image_tokens: int,
         max_length: int,
         system_prompt: str | None = None,
+        image_first: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
         self.max_length = max_length
         self.system_prompt = system_prompt
+        self.image_first = image_first
         self.template = tokenizer.chat_template or PLAIN_TEMPLATE
         self._answer_suffix = self._find_answer_suffix()
 
     def _render(self, prompt: str, answer: str | None) -> str:
         messages = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
-        messages.append({"role": "user", "content": f"{_IMAGE_MARK}\n{prompt}"})
+        content = f"{_IMAGE_MARK}\n{prompt}" if self.image_first else f"{prompt}\n{_IMAGE_MARK}"
+        messages.append({"role": "user", "content": content})
         if answer is not None:
             messages.append({"role": "assistant", "content": answer})
         return self.tokenizer.apply_chat_template(

@@ -208,8 +208,6 @@ def fit(
         draw = np.random.default_rng(training_args.get("seed", DEFAULT_ARGS["seed"])).random(len(train_ds))
         train_ds = train_ds.add_column("describe", (draw < ratio).tolist())
     collator = VLMCollator(model, names, describe_template=describe_template)
-    if args.get("train_sampling_strategy") == "group_by_length":
-        train_ds = train_ds.add_column("length", collator.lengths(train_ds))
     callbacks = list(callbacks or [])
     if eval_ds is not None:
         args.setdefault("eval_strategy", args["save_strategy"])
