@@ -133,9 +133,11 @@ def test_packed_training_forward_equals_the_padded_batch(llm_dir, vit_dir, image
     grad_packed = torch.autograd.grad(packed.loss, model.projector.proj[0].weight)[0]
     embeds = model.embed(batch["input_ids"], model.image_embeddings(image_features=features))
     mask = batch["attention_mask"]
-    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
     targets = batch["labels"][:, 1:]
-    plain = torch.nn.functional.cross_entropy(logits[:, :-1][targets != IGNORE_INDEX].float(), targets[targets != IGNORE_INDEX])
+    supervised = targets != IGNORE_INDEX
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised])
     grad_plain = torch.autograd.grad(plain, model.projector.proj[0].weight)[0]
     assert packed.loss.item() == pytest.approx(plain.item(), abs=1e-4)
     torch.testing.assert_close(grad_packed, grad_plain, rtol=1e-3, atol=1e-5)
