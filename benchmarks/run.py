@@ -375,7 +375,8 @@ def report_training(ctx: Context, res: dict[str, Any]) -> str:
         f"projector and LoRA alike, cosine schedule, no checkpoints; `describe_ratio=0` so the library trains only the "
         "classify prompt, like the reference (the demo itself uses projector_lr 1e-3 and 25% describe examples). "
         "Library: `model.fit(...)` timed end to end, including building "
-        "the feature cache (a fresh, empty cache folder every repeat, so each repeat encodes the images once). "
+        "the feature cache (a fresh, empty cache folder every repeat, so each repeat encodes the images once); "
+        "its batches run packed (no padding, the system turn + prompt once per batch, logits at answer tokens only). "
         "Reference: `reference_trainer(...)` + `train()` (the encoder runs on every batch's pixels, full-vocabulary "
         "logits, the LLM's own loss, gradient checkpointing on as in the HF cookbook's QLoRA recipe). "
         "The two runs of a repeat start from the same initial weights and alternate "
@@ -401,8 +402,7 @@ def report_training(ctx: Context, res: dict[str, Any]) -> str:
 
 
 def classify_library(model: VisionLanguageModel, images: list[Any], names: list[str], batch_size: int) -> list[int]:
-    probs = model.classify(images, names, batch_size=batch_size)
-    return [names.index(next(iter(p))) for p in probs]  # dicts come most likely first
+    return [names.index(label) for label in model.predict(images, names, batch_size=batch_size)]
 
 
 def classify_reference(model: VisionLanguageModel, images: list[Any], names: list[str], batch_size: int) -> list[int]:
@@ -421,7 +421,7 @@ def classify_cached(features: torch.Tensor) -> Callable[..., list[int]]:
         return [
             int(i)
             for start in range(0, len(images), batch_size)
-            for i in model.score_labels(features[start : start + batch_size], names, prompt).argmax(-1)
+            for i in model.predict_labels(features[start : start + batch_size], names, prompt)
         ]
 
     return run
@@ -478,8 +478,10 @@ def report_classify(ctx: Context, res: dict[str, Any]) -> str:
         f"{len(ctx.test_images)} Fashion-MNIST test images ({ctx.sizes.test_per_class} per class, official t10k "
         "split), "
         f"{len(ctx.names)} classes, batch size {ctx.sizes.classify_batch_size} for both, after the short library "
-        "training of section 1. Library: `model.classify(images, names)` (the encoder on the images, then one "
-        "forward pass over prompt + the trie of every class name's tokens); 'cached' is the same label scoring on "
+        "training of section 1. Library: `model.predict(images, names)` (the encoder on the images, one "
+        "forward pass over the prompt, then the tokens of only the class names under the most likely first token, "
+        "and a second round for any name whose first-token bound still beats the best full score: exactly the "
+        "top label of scoring every name); 'cached' is the same on "
         "encoder features read from the feature cache (what `evaluate` does on a dataset encoded before). "
         "Reference: `classify_by_generate` (the encoder, then greedy `generate`, up to 8 new tokens, then "
         "the longest class name found in the text; an answer that names no class counts as wrong).",
@@ -807,7 +809,8 @@ def report_scaling(ctx: Context, res: dict[str, Any], plot: str | None) -> str:
         "Fashion-MNIST, with row i labelled class i mod K so that every class has rows (images and names do not "
         "match: a timing run only). Classification: the untrained model, "
         f"{min(s.scaling_classify_images, len(ctx.test_images))} test images, batch size {s.classify_batch_size}; the "
-        "library scores all K names (every name padded to the longest), the reference generates up to 8 tokens "
+        "library runs `predict`, which on an untrained model (rarely sure of the first token) needs its second "
+        "round for most images, its slow case; the reference generates up to 8 tokens "
         "whatever K is (too few to spell the longer PlantVillage names, so its K = 38 time is a lower bound).",
         "",
         "| classes | answer tokens (mean) | training s/sample | classify s/image, library | "

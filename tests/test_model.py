@@ -86,6 +86,22 @@ def test_label_scoring_equals_full_sequence_likelihood(llm_dir, vit_dir, images,
 
 
 @pytest.mark.parametrize("adapter", ["lora", "prefix"])
+def test_predict_equals_the_best_full_score(llm_dir, vit_dir, images, adapter):
+    """The bounded search of `predict_labels` returns the label with the highest exact score, with
+    labels sharing first tokens and of different lengths; untrained models exercise both rounds."""
+    model = attach(vit_dir, llm_dir, adapter=adapter)
+    labels = ["red", "red square", "a photo of a cat", "a green shape", "blue", "green"]
+    features = model.vision.encode_images(images)
+    for prompt in ("What is shown in this image?", "Colour?"):
+        full = model.score_labels(features, labels, prompt)
+        fast = model.predict_labels(features, labels, prompt)
+        chosen = full.gather(1, fast[:, None])[:, 0]
+        torch.testing.assert_close(chosen, full.max(-1).values, rtol=0, atol=1e-4)
+    top = [max(p, key=p.get) for p in model.classify(images[:3], labels)]
+    assert model.predict(images[:3], labels) == top and model.predict(images[0], labels) == top[0]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prefix"])
 def test_describe_returns_text(llm_dir, vit_dir, images, adapter):
     model = attach(vit_dir, llm_dir, adapter=adapter)
     text = model.describe(images[0], max_new_tokens=6)

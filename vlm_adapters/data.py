@@ -207,7 +207,9 @@ def with_image_features(
     encoded = encoded.filter(lambda msg: not msg, input_columns="bad_image") if bad else encoded
     encoded = encoded.remove_columns("bad_image")
     encoded.info.description = f"skipped {len(bad)} bad images: {bad[:20]}" if bad else ""
-    return encoded
+    # Rows hand out features as tensors: as nested Python lists, collating a batch of 8 rows of
+    # 49 x 1280 floats took 0.11 s (6 ms as tensors), about 7% of a demo training step.
+    return encoded.with_format("torch", columns=[FEATURES_COLUMN], output_all_columns=True)
 
 
 def load_data(source: str, split: str = "train") -> datasets.Dataset:

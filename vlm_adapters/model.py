@@ -1,12 +1,14 @@
 """`VisionLanguageModel`: frozen encoder -> trainable projector -> LLM with a PEFT adapter.
 
 The forward pass splices projected patch embeddings into `inputs_embeds` at the image
-placeholders and computes logits only where the labels supervise (the answer), not over the
-whole sequence x vocabulary. `classify` scores every candidate label in one pass (the labels'
-tokens fed as a trie after the prompt, see `scoring.py`); `describe` decodes greedily from the
-prompt's KV cache. Both run the prompt's image-independent head once per batch and call the base
-model with the PEFT prefix (if any) in the cache, so they work the same for LoRA and for prefix
-tuning (whose `generate(inputs_embeds=...)` fails).
+placeholders; in training it runs the batch packed into one row (`packing.py`) and computes
+logits only where the labels supervise (the answer), not over the whole sequence x vocabulary.
+`classify` scores every candidate label in one pass (the labels' tokens fed as a trie after the
+prompt, see `scoring.py`); `predict` feeds only the labels that can still be the top one;
+`describe` decodes greedily from the prompt's KV cache. All three run the prompt's
+image-independent head once per batch and call the base model with the PEFT prefix (if any) in
+the cache, so they work the same for LoRA and for prefix tuning (whose
+`generate(inputs_embeds=...)` fails).
 """
 
 from __future__ import annotations
@@ -209,16 +211,17 @@ class VisionLanguageModel(nn.Module):
         visible: torch.Tensor,
         keep: Any,
     ) -> torch.Tensor:
-        """Feed `embeds` after the cached tokens; `visible[i, j]`: new token i attends new token j
+        """Feed `embeds` after the cached tokens; `visible[(b,) i, j]`: new token i attends new token j
         (every cached token is visible). Calls the base model: a prefix already sits in `cache`, and
         positions count from after it, as PEFT's own forward does. Returns log-probs at `keep`."""
         past = 0 if cache is None else cache.get_seq_length()
-        allowed = torch.cat([visible.new_ones(visible.shape[0], past), visible], 1).to(self.device)
+        visible = visible if visible.dim() == 3 else visible[None]  # [n, n] shared, or [B, n, n]
+        allowed = torch.cat([visible.new_ones(*visible.shape[:2], past), visible], -1).to(self.device)
         mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=self.device)
         mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)  # additive: eager and SDPA alike
         out = self.base_llm(
             inputs_embeds=embeds,
-            attention_mask=mask.expand(embeds.shape[0], 1, -1, -1),
+            attention_mask=mask[:, None].expand(embeds.shape[0], -1, -1, -1),
             position_ids=(self.num_prefix_tokens + positions.to(self.device)).expand(embeds.shape[0], -1),
             past_key_values=cache,
             use_cache=cache is not None,
@@ -248,6 +251,66 @@ class VisionLanguageModel(nn.Module):
         logprobs, _, _ = self._prompt(features, prompt, tree)
         return tree.scores(logprobs)
 
+    @_inference
+    def predict_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
+        """Index [B] of the most likely label, equal to `score_labels(...).argmax(-1)` with far fewer
+        tokens fed. A label's log-likelihood is at most its first token's log-prob, so after one pass
+        over the prompt only the labels under the best first token are fed (round 1); labels whose
+        first-token bound still beats the best full score are fed in round 2. A trained model is sure
+        of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie."""
+        candidates = [self.prompts.answer_ids(label) for label in labels]
+        first = torch.tensor([c[0] for c in candidates], device=self.device)
+        logprobs, cache, length = self._prompt(features, prompt)
+        last = logprobs[:, -1]  # [B, V] at the prompt's last position
+        bound = last[:, first]  # [B, K]
+        scores = torch.full_like(bound, -torch.inf)
+        in_cache = torch.arange(len(bound), device=self.device)  # the images whose rows the cache holds
+        for round_ in (1, 2):
+            best = scores.max(-1, keepdim=True).values
+            need = scores.isneginf() & (bound > best)
+            if round_ == 1:  # only the labels that share the most likely first token
+                need &= first[None, :] == first[bound.argmax(-1)][:, None]
+            rows = need.any(-1).nonzero()[:, 0]
+            if len(rows) == 0:
+                break
+            if len(rows) < len(in_cache):
+                cache.batch_select_indices(torch.searchsorted(in_cache, rows))
+                in_cache = rows
+            trees = [CandidateTree.build([candidates[k] for k in need[b].nonzero()[:, 0].tolist()]) for b in rows]
+            width = max(len(tree.fed_tokens) for tree in trees)
+            fed = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+            visible = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding sees itself only
+            positions = torch.full((len(rows), width), length - 1)
+            for i, tree in enumerate(trees):
+                n = len(tree.fed_tokens)
+                fed[i, :n] = torch.tensor(tree.fed_tokens)
+                visible[i, :n, :n] = tree.fed_visible
+                positions[i, :n] = torch.tensor(tree.positions(length))
+            embeds = self.base_llm.get_input_embeddings()(fed.to(self.device))
+            out = self._feed(embeds, cache, positions, visible, width)
+            for i, (b, tree) in enumerate(zip(rows.tolist(), trees, strict=True)):
+                picked = need[b].nonzero()[:, 0]
+                scores[b, picked] = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
+            cache.crop(-width)
+        return scores.argmax(-1)
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        labels: Sequence[str],
+        prompt: str | None = None,
+        batch_size: int = 16,
+    ) -> str | list[str]:
+        """The most likely label of each image: `classify`'s top label, several times faster (it feeds
+        only the labels that can still win, see `predict_labels`). One image -> one string."""
+        labels = _check_labels(labels)
+        single, batch = _as_batch(images)
+        out: list[str] = []
+        for start in range(0, len(batch), batch_size):
+            features = self._features(batch[start : start + batch_size])
+            out += [labels[i] for i in self.predict_labels(features, labels, prompt or self.config.classify_prompt)]
+        return out[0] if single else out
+
     def classify(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -256,14 +319,7 @@ class VisionLanguageModel(nn.Module):
         batch_size: int = 16,
     ) -> dict[str, float] | list[dict[str, float]]:
         """Probability of each candidate label (sums to 1), most likely first. One image -> one dict."""
-        labels = list(labels)
-        if not labels:
-            raise ValueError("classify needs at least one candidate label; got an empty list.")
-        if not all(isinstance(label, str) and label for label in labels):
-            raise ValueError(f"candidate labels must be non-empty strings; got {labels!r}.")
-        duplicates = sorted({label for label in labels if labels.count(label) > 1})
-        if duplicates:
-            raise ValueError(f"candidate labels must be unique; {duplicates} appear more than once.")
+        labels = _check_labels(labels)
         single, batch = _as_batch(images)
         results = []
         for start in range(0, len(batch), batch_size):
@@ -340,6 +396,18 @@ class VisionLanguageModel(nn.Module):
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
+
+
+def _check_labels(labels: Sequence[str]) -> list[str]:
+    labels = list(labels)
+    if not labels:
+        raise ValueError("at least one candidate label is needed; got an empty list.")
+    if not all(isinstance(label, str) and label for label in labels):
+        raise ValueError(f"candidate labels must be non-empty strings; got {labels!r}.")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"candidate labels must be unique; {duplicates} appear more than once.")
+    return labels
 
 
 def _as_batch(images: Any) -> tuple[bool, list[Any]]:

@@ -284,8 +284,7 @@ def evaluate(
             else:
                 features = model.vision.encode_images(rows["image"])
             if names:
-                scores = model.score_labels(features, names, prompt or model.config.classify_prompt)
-                pred += scores.argmax(-1).tolist()
+                pred += model.predict_labels(features, names, prompt or model.config.classify_prompt).tolist()
                 true += [names.index(label_text(label, names)) for label in rows["label"]]
             else:
                 prompts = rows.get("prompt") or [None] * len(rows["answer"])
