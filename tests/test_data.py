@@ -9,6 +9,7 @@ import os
 import datasets
 import numpy as np
 import pytest
+import torch
 from conftest import COLOURS, colour_dataset, colour_image
 from PIL import Image
 
@@ -89,3 +90,16 @@ def test_fit_leaves_curves_confusion_matrix_and_tensorboard_logs(tmp_path, llm_d
             assert picture.size[0] > 200 and picture.size[1] > 200
     events = [f for _, _, files in os.walk(out) for f in files if f.startswith("events.out.tfevents")]
     assert events, "report_to='tensorboard' should write TensorBoard event files"
+
+
+def test_fit_and_evaluate_accept_cached_features_formatted_as_torch(tmp_path, llm_dir, vit_dir):
+    """Cached features as a dataset the user formatted as torch (labels come out as tensors)."""
+    from vlm_adapters.data import with_image_features
+
+    model = attach(vit_dir, llm_dir)
+    shape = (model.projector.num_vision_tokens, model.config.vision_signature["hidden_size"])
+    plain = with_image_features(colour_dataset(3, seed=4), model.vision, token_shape=shape, cache_dir=str(tmp_path))
+    formatted = plain.with_format("torch")
+    assert isinstance(formatted[0]["label"], torch.Tensor)
+    model.fit(formatted, output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="no", disable_tqdm=True)
+    assert model.evaluate(formatted)["accuracy"] == model.evaluate(plain)["accuracy"]

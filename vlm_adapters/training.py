@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from .data import FEATURES_COLUMN, VLMCollator, as_dataset, label_names, label_text, with_image_features
+from .data import (
+    FEATURES_COLUMN,
+    VLMCollator,
+    as_dataset,
+    features_as_tensors,
+    label_names,
+    label_text,
+    with_image_features,
+)
 from .hub import PEFT_WEIGHTS, PROJECTOR_FILE, replace_directory, write_adapter_files
 from .metrics import classification_metrics, plot_confusion_matrix, plot_training_curves, text_metrics
 
@@ -145,7 +153,7 @@ class VLMTrainer(Trainer):
 def _check_classes(data: datasets.Dataset, names: list[str]) -> None:
     feature = data.features.get("label")
     if isinstance(feature, datasets.ClassLabel):
-        present = set(data["label"])
+        present = {int(label) for label in data.with_format(None)["label"]}
         empty = [name for i, name in enumerate(names) if i not in present]
         if empty:
             raise ValueError(
@@ -207,6 +215,7 @@ def fit(
     if ratio > 0:
         draw = np.random.default_rng(training_args.get("seed", DEFAULT_ARGS["seed"])).random(len(train_ds))
         train_ds = train_ds.add_column("describe", (draw < ratio).tolist())
+    train_ds = features_as_tensors(train_ds)
     collator = VLMCollator(model, names, describe_template=describe_template)
     callbacks = list(callbacks or [])
     if eval_ds is not None:
@@ -271,7 +280,7 @@ def evaluate(
 
     With `output_dir`, a confusion-matrix PNG is written there for label data.
     """
-    data = as_dataset(dataset)
+    data = features_as_tensors(as_dataset(dataset))
     names = label_names(data) or None
     was_training = model.training
     model.eval()
