@@ -50,6 +50,7 @@ from vlm_adapters import VisionLanguageModel, VLMCollator, attach  # noqa: E402
 from vlm_adapters.assets import FASHION_MNIST_LABELS as FASHION_LABELS  # noqa: E402
 from vlm_adapters.assets import efficientnet_lite0, fashion_mnist, smollm2_instruct  # noqa: E402
 from vlm_adapters.data import with_image_features  # noqa: E402
+from vlm_adapters.packing import PackedBatch  # noqa: E402
 from vlm_adapters.prompting import IGNORE_INDEX  # noqa: E402
 
 SECTIONS = ("training", "classify", "memory", "scaling", "peak")
@@ -865,15 +866,16 @@ def linear_params(llm: nn.Module) -> tuple[int, int, int]:
 
 
 def step_flops(ctx: Context, model: VisionLanguageModel, data: Any) -> dict[str, float]:
-    """FLOPs of one training sample: 6 * N * tokens (padded to the batch's longest, as trained) plus the
-    LM head at the supervised positions only (2*d*V forward + 2*d*V for the input gradient)."""
+    """FLOPs of one training sample: 6 * N * tokens (as trained: each batch packed, its shared head
+    once, no padding) plus the LM head at the supervised positions only (2*d*V forward + 2*d*V for
+    the input gradient)."""
     n_linear, d, vocab = linear_params(model.base_llm)
     collator = VLMCollator(model, ctx.names)
     tokens = kept = 0
     bs = ctx.sizes.batch_size
     for start in range(0, len(data), bs):  # dataset order; training shuffles, so this is an estimate
         batch = collator([data[i] for i in range(start, min(start + bs, len(data)))])
-        tokens += batch["input_ids"].numel()
+        tokens += len(PackedBatch.build(batch["input_ids"], batch["attention_mask"], batch["labels"]).input_ids)
         kept += int((batch["labels"] != IGNORE_INDEX).sum())
     per_sample_tokens, per_sample_kept = tokens / len(data), kept / len(data)
     body = 6 * n_linear * per_sample_tokens
@@ -921,7 +923,8 @@ def report_peak(ctx: Context, res: dict[str, Any]) -> str:
         f"Peak: `torch.mm` of two {s.matmul_size}x{s.matmul_size} matrices, {s.matmul_reps} timed repetitions after a "
         f"warm-up, {ctx.threads} thread(s). Library training step: {s.batch_size} samples, time per sample from "
         f"{res['source']} ({s.num_image_tokens} image tokens). FLOPs per sample = 6 x {f['n_linear'] / 1e6:.1f}M "
-        f"non-embedding linear weights (blocks + LoRA) x {f['tokens']:.1f} tokens (padded to each batch's longest) "
+        f"non-embedding linear weights (blocks + LoRA) x {f['tokens']:.1f} tokens (each batch packed: its shared "
+        "head once, no padding) "
         f"+ the LM head at the {f['kept']:.2f} supervised positions only (4 x d x V: forward and input gradient) = "
         f"{f['total'] / 1e9:.1f} GFLOP, {f['total'] * s.batch_size / 1e12:.2f} TFLOP per step of {s.batch_size} "
         f"({f['head'] / f['total']:.1%} in the head). The 6N rule counts weight "

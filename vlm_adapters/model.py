@@ -301,8 +301,8 @@ class VisionLanguageModel(nn.Module):
         prompt: str | None = None,
         batch_size: int = 16,
     ) -> str | list[str]:
-        """The most likely label of each image: `classify`'s top label, several times faster (it feeds
-        only the labels that can still win, see `predict_labels`). One image -> one string."""
+        """The most likely label of each image: `classify`'s top label for less work (it feeds only the
+        labels that can still win, see `predict_labels`). One image -> one string."""
         labels = _check_labels(labels)
         single, batch = _as_batch(images)
         out: list[str] = []
