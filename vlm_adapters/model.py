@@ -276,7 +276,9 @@ class VisionLanguageModel(nn.Module):
             if len(rows) < len(in_cache):
                 cache.batch_select_indices(torch.searchsorted(in_cache, rows))
                 in_cache = rows
-            trees = [CandidateTree.build([candidates[k] for k in need[b].nonzero()[:, 0].tolist()]) for b in rows]
+            picked = [tuple(need[b].nonzero()[:, 0].tolist()) for b in rows]
+            built = {k: CandidateTree.build([candidates[i] for i in k]) for k in set(picked)}  # shared by images
+            trees = [built[k] for k in picked]
             width = max(len(tree.fed_tokens) for tree in trees)
             fed = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
             visible = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding sees itself only
@@ -288,9 +290,8 @@ class VisionLanguageModel(nn.Module):
                 positions[i, :n] = torch.tensor(tree.positions(length))
             embeds = self.base_llm.get_input_embeddings()(fed.to(self.device))
             out = self._feed(embeds, cache, positions, visible, width)
-            for i, (b, tree) in enumerate(zip(rows.tolist(), trees, strict=True)):
-                picked = need[b].nonzero()[:, 0]
-                scores[b, picked] = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
+            for i, (b, labels_fed, tree) in enumerate(zip(rows.tolist(), picked, trees, strict=True)):
+                scores[b, list(labels_fed)] = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
             cache.crop(-width)
         return scores.argmax(-1)
 
