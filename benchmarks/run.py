@@ -513,7 +513,8 @@ def report_classify(ctx: Context, res: dict[str, Any]) -> str:
 
 MEMORY_CHILD = r"""
 import json, resource, sys, time
-mode, path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mode, path, threads, root = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+sys.path.insert(0, root)
 import torch, transformers
 torch.set_num_threads(threads)
 out = {"mode": mode}
@@ -521,10 +522,16 @@ if mode.startswith("baseline_"):  # also the code a load imports before any weig
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
     if mode == "baseline_bnb":
         import bitsandbytes
+    if mode == "baseline_library":
+        import vlm_adapters.language
 elif mode != "baseline":
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     start = time.perf_counter()
-    if mode == "nf4":
+    if mode == "nf4":  # the library's loader, as attach(quantization="nf4") calls it
+        from vlm_adapters.config import AdapterConfig
+        from vlm_adapters.language import load_llm
+        model = load_llm(path, AdapterConfig(quantization="nf4", compute_dtype="bfloat16"), torch.device("cpu"))
+    elif mode == "nf4_transformers":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": "cpu"})
@@ -586,6 +593,9 @@ def save_random_llm(config_kwargs: dict[str, int], folder: str, shard_bytes: int
     return params
 
 
+LOADS = ("bf16", "nf4", "nf4_transformers")  # nf4: vlm_adapters' loader; nf4_transformers: from_pretrained
+
+
 def bench_memory(ctx: Context) -> dict[str, Any]:
     folder = ctx.dir("random-llm")
     log(f"memory: writing a random bf16 Llama {ctx.sizes.memory_llm}")
@@ -593,13 +603,13 @@ def bench_memory(ctx: Context) -> dict[str, Any]:
     log(f"memory: {params / 1e9:.3f}B parameters saved")
     out: dict[str, Any] = {"params": params, "config": ctx.sizes.memory_llm, "runs": {}}
     for r in range(ctx.repeats):
-        loads = ("bf16", "nf4") if r % 2 == 0 else ("nf4", "bf16")
-        for mode in ("baseline", "baseline_llama", "baseline_bnb", *loads):
+        loads = LOADS[r % len(LOADS):] + LOADS[: r % len(LOADS)]  # rotate the order over the repeats
+        for mode in ("baseline", "baseline_llama", "baseline_bnb", "baseline_library", *loads):
             # Through a forking shell: Linux keeps ru_maxrss across execve, so a child exec'd straight from
             # this (large) process would report this process's peak; a child forked by a small shell does not.
             proc = subprocess.run(
                 ["/bin/sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-c", MEMORY_CHILD, mode, folder,
-                 str(ctx.threads)],
+                 str(ctx.threads), ROOT],
                 capture_output=True, text=True, check=False,
             )
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -619,64 +629,77 @@ def bench_memory(ctx: Context) -> dict[str, Any]:
     out["maxrss_vs_hwm_mib"] = max(
         abs(x["maxrss_mib"] - x["status_mib"]["VmHWM"]) for runs in out["runs"].values() for x in runs
     )
-    libs = {"bf16": peak["baseline_llama"], "nf4": peak["baseline_bnb"]}
-    out["net"] = {m: [p - b for p, b in zip(peak[m], base, strict=True)] for m in ("bf16", "nf4")}
-    out["net_libs"] = {m: [p - b for p, b in zip(peak[m], libs[m], strict=True)] for m in ("bf16", "nf4")}
-    out["ratio_raw"] = ratios(peak["nf4"], peak["bf16"])
-    out["ratio_net"] = ratios(out["net"]["nf4"], out["net"]["bf16"])
-    out["ratio_net_libs"] = ratios(out["net_libs"]["nf4"], out["net_libs"]["bf16"])
+    libs = {"bf16": peak["baseline_llama"], "nf4": peak["baseline_library"], "nf4_transformers": peak["baseline_bnb"]}
+    out["libs"] = libs
+    out["net"] = {m: [p - b for p, b in zip(peak[m], base, strict=True)] for m in LOADS}
+    out["net_libs"] = {m: [p - b for p, b in zip(peak[m], libs[m], strict=True)] for m in LOADS}
+    for m in ("nf4", "nf4_transformers"):
+        out.setdefault("ratio_raw", {})[m] = ratios(peak[m], peak["bf16"])
+        out.setdefault("ratio_net", {})[m] = ratios(out["net"][m], out["net"]["bf16"])
+        out.setdefault("ratio_net_libs", {})[m] = ratios(out["net_libs"][m], out["net_libs"]["bf16"])
     return out
 
 
 def report_memory(ctx: Context, res: dict[str, Any]) -> str:
     peak, net, net_libs, runs = res["peak"], res["net"], res["net_libs"], res["runs"]
-    fp = {m: runs[m][0]["footprint_mib"] for m in ("bf16", "nf4")}
-    secs = {m: [x["seconds"] for x in runs[m]] for m in ("bf16", "nf4")}
-    rss = {(m, k): [x["status_mib"][k] for x in runs[m]] for m in ("bf16", "nf4") for k in ("RssAnon", "RssFile")}
+    fp = {m: runs[m][0]["footprint_mib"] for m in LOADS}
+    secs = {m: [x["seconds"] for x in runs[m]] for m in LOADS}
+    rss = {(m, k): [x["status_mib"][k] for x in runs[m]] for m in LOADS for k in ("RssAnon", "RssFile")}
     cfg = ", ".join(f"{k}={v}" for k, v in res["config"].items())
+
     def verdict(values: list[float]) -> str:
         med = statistics.median(values)
         return f"{med:.2f}x, {'meets' if med <= 0.45 else 'misses'} it"
 
+    def row(label: str, values: dict[str, list[float]], ratio: dict[str, list[float]] | None = None) -> str:
+        cells = [stat(values[m]) for m in LOADS]
+        cells += [stat(ratio[m], suffix="x") for m in ("nf4", "nf4_transformers")] if ratio else ["", ""]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    floor = 0.45 * statistics.median(peak["bf16"])
     return "\n".join([
         "## 3. Peak memory: NF4 vs bf16",
         "",
         f"A Llama with random weights, {res['params'] / 1e9:.2f}B parameters (`LlamaConfig({cfg})`), saved once as "
-        "bf16 safetensors, then loaded in a fresh subprocess with `AutoModelForCausalLM.from_pretrained(dir, "
+        "bf16 safetensors shards, then loaded in a fresh subprocess, followed by one forward pass on 8 tokens. "
+        "**NF4 (library)**: `vlm_adapters.language.load_llm`, what `attach(quantization=\"nf4\")` runs (NF4, double "
+        "quantization, bf16 compute). **NF4 (transformers)**: `AutoModelForCausalLM.from_pretrained(dir, "
         "quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", "
-        "bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16), device_map={\"\": \"cpu\"})` vs "
-        "`dtype=torch.bfloat16`, followed by one forward pass on 8 tokens. Peak = `ru_maxrss` of that process. "
+        "bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16), device_map={\"\": \"cpu\"})`. "
+        "**bf16**: the same call with `dtype=torch.bfloat16`. Peak = `ru_maxrss` of that process. "
         "Baseline = a subprocess that only imports torch and transformers; the baselines with libraries also import "
-        "the Llama modeling code (bf16) and bitsandbytes (NF4), what each load imports before reading a weight. "
-        "Embeddings and the LM head stay bf16 "
-        "in both (bitsandbytes quantizes only the linear layers of the blocks).",
+        "what each load imports before reading a weight (Llama modeling; + bitsandbytes; + vlm_adapters, with PEFT). "
+        "Embeddings and the LM head stay bf16 in every load (bitsandbytes quantizes only the linear layers of the "
+        "blocks).",
         "",
-        "| | baseline (imports) | bf16 | NF4 | NF4 / bf16 |",
-        "|---|---|---|---|---|",
-        f"| peak RSS MiB, median (min-max) | {stat(peak['baseline'])} | {stat(peak['bf16'])} | {stat(peak['nf4'])} | "
-        f"{stat(res['ratio_raw'], suffix='x')} |",
-        f"| peak RSS minus baseline, MiB | | {stat(net['bf16'])} | {stat(net['nf4'])} | "
-        f"{stat(res['ratio_net'], suffix='x')} |",
-        f"| baseline with the libraries each load imports, MiB | | {stat(peak['baseline_llama'])} | "
-        f"{stat(peak['baseline_bnb'])} | |",
-        f"| peak RSS minus that baseline (the weights and the load itself), MiB | | "
-        f"{stat(net_libs['bf16'])} | {stat(net_libs['nf4'])} | {stat(res['ratio_net_libs'], suffix='x')} |",
-        f"| `get_memory_footprint()` MiB | | {num(fp['bf16'])} | {num(fp['nf4'])} | {fp['nf4'] / fp['bf16']:.2f}x |",
-        f"| load + forward, s | | {stat(secs['bf16'])} | {stat(secs['nf4'])} | |",
-        f"| at the end: anonymous memory (`RssAnon`), MiB | | {stat(rss['bf16', 'RssAnon'])} | "
-        f"{stat(rss['nf4', 'RssAnon'])} | |",
-        "| at the end: file-backed pages (`RssFile`: the mmapped checkpoint), MiB | | "
-        f"{stat(rss['bf16', 'RssFile'])} | "
-        f"{stat(rss['nf4', 'RssFile'])} | |",
+        "| | bf16 | NF4 (library) | NF4 (transformers) | library / bf16 | transformers / bf16 |",
+        "|---|---|---|---|---|---|",
+        row("peak RSS MiB, median (min-max)", peak, res["ratio_raw"]),
+        row("peak RSS minus the import baseline "
+            f"({stat(peak['baseline'])} MiB)", net, res["ratio_net"]),
+        row("baseline with the libraries each load imports, MiB", res["libs"]),
+        row("peak RSS minus that baseline (the weights and the load itself), MiB", net_libs, res["ratio_net_libs"]),
+        "| `get_memory_footprint()` MiB | " + " | ".join(num(fp[m]) for m in LOADS)
+        + f" | {fp['nf4'] / fp['bf16']:.2f}x | {fp['nf4_transformers'] / fp['bf16']:.2f}x |",
+        row("load + forward, s", secs),
+        row("at the end: anonymous memory (`RssAnon`), MiB", {m: rss[m, "RssAnon"] for m in LOADS}),
+        row("at the end: file-backed pages (`RssFile`: libraries and any mapped checkpoint), MiB",
+            {m: rss[m, "RssFile"] for m in LOADS}),
         "",
-        "transformers maps the safetensors checkpoint into memory. A bf16 model's weights are those mapped pages; "
-        "an NF4 load reads every page of the same bf16 file to quantize it, so the whole file counts in its RSS too, "
-        "on top of the quantized weights it allocates. The quantized model itself is about a third of the bf16 one "
-        "(`get_memory_footprint`), but peak RSS during the load is larger.",
+        "transformers maps the safetensors checkpoint into memory. A bf16 model's weights are those mapped pages. "
+        "Quantizing on load reads every page of the same bf16 file, and mapped pages count in the process's RSS "
+        "until the load ends, so transformers' NF4 load holds the whole bf16 file and the quantized copy at once. "
+        "The library hands transformers the same tensors, each mapped on its own and unmapped once quantized "
+        "(`_load_quantized_unmapped` in `vlm_adapters/language.py`): one full-precision tensor is resident at a "
+        "time, and the weights it loads are identical (tested).",
         "",
-        f"Target NF4 <= 0.45x bf16: raw peaks {verdict(res['ratio_raw'])}; peaks minus the import baseline "
-        f"{verdict(res['ratio_net'])}; minus the baselines with libraries {verdict(res['ratio_net_libs'])}. "
-        "`ru_maxrss` agreed with the "
+        f"Target NF4 <= 0.45x bf16 (library): raw peaks {verdict(res['ratio_raw']['nf4'])}; peaks minus the import "
+        f"baseline {verdict(res['ratio_net']['nf4'])}; minus the baselines with libraries "
+        f"{verdict(res['ratio_net_libs']['nf4'])}. "
+        + (f"A raw 0.45x would be {floor:,.0f} MiB, less than the library's import baseline "
+           f"({num(statistics.median(peak['baseline_library']))} MiB) plus the quantized model's own footprint "
+           f"({num(fp['nf4'])} MiB). " if floor < statistics.median(peak["baseline_library"]) + fp["nf4"] else "")
+        + "`ru_maxrss` agreed with the "
         f"kernel's `VmHWM` of the same process within {num(res['maxrss_vs_hwm_mib'])} MiB in every run (each child "
         "is forked by a small shell: Linux carries `ru_maxrss` across `execve`, so a child exec'd directly from the "
         "benchmark process would report the benchmark's own, larger peak).",

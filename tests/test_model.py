@@ -40,6 +40,33 @@ def test_attach_loads_llm_in_nf4_with_lora(tmp_path, vit_dir, family):
     assert all(p.dtype == torch.float32 for p in model.projector.parameters())
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_nf4_load_without_mapping_equals_transformers_load(tmp_path, family):
+    """The library quantizes a checkpoint read with pread (so its pages never count in RSS); the
+    result must be transformers' own NF4 load: same weights, same outputs, same recorded path."""
+    from transformers import AutoModelForCausalLM
+
+    from vlm_adapters.config import AdapterConfig
+    from vlm_adapters.language import _load_quantized_unmapped, load_llm, quantization_config
+
+    folder = str(tmp_path / family)
+    save_llm(folder, family)
+    sharded = str(tmp_path / f"{family}-sharded")
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(sharded, max_shard_size="100KB")
+    config = AdapterConfig(quantization="nf4", compute_dtype="bfloat16")
+    for path in (folder, sharded):
+        assert _load_quantized_unmapped(path, None, quantization_config(config), torch.device("cpu"), False)
+        ours = load_llm(path, config, torch.device("cpu"))
+        theirs = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quantization_config(config), device_map={"": "cpu"}
+        )
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert ours.name_or_path == path and ours.is_loaded_in_4bit
+        ids = torch.arange(8)[None]
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
 def test_quantization_none_and_linear_projector(llm_dir, vit_dir):
     model = attach(vit_dir, llm_dir, quantization=None, projector="linear", adapter="none")
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
@@ -51,6 +53,10 @@ def load_llm(
 ) -> PreTrainedModel:
     """`AutoModelForCausalLM` in the configured precision, placed on `device`."""
     quant = quantization_config(config)
+    if quant is not None:
+        model = _load_quantized_unmapped(name, config.llm_revision, quant, device, trust_remote_code)
+        if model is not None:
+            return model
     return AutoModelForCausalLM.from_pretrained(
         name,
         revision=config.llm_revision,
@@ -59,6 +65,69 @@ def load_llm(
         device_map={"": str(device)},
         trust_remote_code=trust_remote_code,
     )
+
+
+def _load_quantized_unmapped(
+    name: str, revision: str | None, quant: BitsAndBytesConfig, device: torch.device, trust_remote_code: bool
+) -> PreTrainedModel | None:
+    """Quantize a full-precision safetensors checkpoint on load, one mapped tensor at a time.
+
+    transformers maps each checkpoint file once; quantizing touches every page, and mapped pages
+    count in the process's resident memory until the load ends, so an NF4 load peaked above a bf16
+    one (the whole bf16 file plus the quantized copy). Here each tensor is mapped on its own
+    (`_MappedTensor`) and unmapped once quantized. transformers accepts such a state dict only
+    without a path, on the concrete class, so this covers built-in architectures with safetensors
+    weights; anything else (remote code, .bin, GGUF) returns None and loads the usual way.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils.hub import cached_file, get_checkpoint_shard_files
+
+    llm_config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(llm_config), None)
+    if model_class is None or getattr(llm_config, "quantization_config", None) is not None:
+        return None  # remote code, or weights already quantized: nothing to gain
+    found = {"_raise_exceptions_for_missing_entries": False, "revision": revision}
+    index = cached_file(name, "model.safetensors.index.json", **found)
+    if index is not None:
+        files, _ = get_checkpoint_shard_files(name, index, revision=revision)
+    else:
+        single = cached_file(name, "model.safetensors", **found)
+        if single is None:
+            return None
+        files = [single]
+    state_dict: dict[str, Any] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as handle:  # reads the header only
+            state_dict.update({key: _MappedTensor(path, key) for key in handle.keys()})
+    model = model_class.from_pretrained(
+        None, config=llm_config, state_dict=state_dict, quantization_config=quant, device_map={"": str(device)}
+    )
+    model.config.name_or_path = model.name_or_path = name  # what a load by path records (PEFT reads it)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(name, revision=revision)
+    except OSError:  # no generation_config.json: keep the one derived from the model config
+        pass
+    return model
+
+
+class _MappedTensor:
+    """A checkpoint tensor that transformers materializes with `[...]`, as it does safetensors slices.
+
+    Each one maps its file anew and returns a view of that mapping, so the pages leave the process
+    when transformers drops the tensor after quantizing it. Reading into anonymous memory instead
+    (safetensors' `pread` backend) left the heap fragmented: a 1.1B Llama peaked at 2,302 MiB, not 1,969.
+    """
+
+    def __init__(self, path: str, key: str) -> None:
+        self.path, self.key = path, key
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as handle:  # the returned view keeps its mapping alive
+            return handle.get_tensor(self.key)[index]
 
 
 def disable_cpu_4bit_repacking(model: nn.Module) -> None:
