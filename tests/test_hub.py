@@ -154,6 +154,29 @@ def test_load_by_repo_id_reads_the_hub_cache_offline(tmp_path, llm_dir, vit_dir,
         load("me/not-there")
 
 
+def test_nf4_base_by_repo_id_is_quantized_from_the_hub_cache_offline(tmp_path, llm_dir, monkeypatch):
+    """The library's own NF4 load (each tensor mapped on its own) finds a base's shards in the Hub
+    cache as transformers does, and loads the weights transformers would."""
+    from transformers import AutoModelForCausalLM
+
+    from vlm_adapters.config import AdapterConfig
+    from vlm_adapters.language import _load_quantized_unmapped, quantization_config
+
+    cache = str(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
+    sharded = str(tmp_path / "sharded")
+    AutoModelForCausalLM.from_pretrained(llm_dir).save_pretrained(sharded, max_shard_size="100KB")
+    _put_in_hub_cache(cache, "me/tiny-llm", sharded, "c" * 40, "main")
+    quant = quantization_config(AdapterConfig(quantization="nf4", compute_dtype="bfloat16"))
+    ours = _load_quantized_unmapped("me/tiny-llm", None, quant, torch.device("cpu"), False)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        "me/tiny-llm", cache_dir=cache, quantization_config=quant, device_map={"": "cpu"}
+    )
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ours.name_or_path == "me/tiny-llm"
+
+
 def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_dir, vit_dir, monkeypatch):
     """Only the HTTP layer is replaced: huggingface_hub builds the real create-repo and commit requests."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
