@@ -42,8 +42,8 @@ def test_attach_loads_llm_in_nf4_with_lora(tmp_path, vit_dir, family):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_nf4_load_without_mapping_equals_transformers_load(tmp_path, family):
-    """The library quantizes a checkpoint read with pread (so its pages never count in RSS); the
-    result must be transformers' own NF4 load: same weights, same outputs, same recorded path."""
+    """The library quantizes a checkpoint one mapped tensor at a time (so the whole file never counts
+    in RSS); the result must be transformers' own NF4 load: same weights, outputs and recorded path."""
     from transformers import AutoModelForCausalLM
 
     from vlm_adapters.config import AdapterConfig

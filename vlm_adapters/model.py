@@ -179,8 +179,13 @@ class VisionLanguageModel(nn.Module):
         return CausalLMOutputWithPast(loss=loss, logits=logprobs)
 
     # ------------------------------------------------------------- inference
-    def _features(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        return self.vision(self.vision.preprocess(images))
+    def _per_batch(self, images: Any, batch_size: int, run: Callable[[torch.Tensor], list[T]]) -> T | list[T]:
+        """`run` on the encoder features of each batch of images, results in order; one image -> one result."""
+        single, batch = _as_batch(images)
+        out: list[T] = []
+        for start in range(0, len(batch), batch_size):
+            out += run(self.vision(self.vision.preprocess(batch[start : start + batch_size])))
+        return out[0] if single else out
 
     def _context(self, head_ids: Sequence[int], batch: int) -> DynamicCache:
         """KV cache of what precedes the image, computed once and repeated over the batch: the PEFT
@@ -305,12 +310,10 @@ class VisionLanguageModel(nn.Module):
         """The most likely label of each image: `classify`'s top label for less work (it feeds only the
         labels that can still win, see `predict_labels`). One image -> one string."""
         labels = _check_labels(labels)
-        single, batch = _as_batch(images)
-        out: list[str] = []
-        for start in range(0, len(batch), batch_size):
-            features = self._features(batch[start : start + batch_size])
-            out += [labels[i] for i in self.predict_labels(features, labels, prompt or self.config.classify_prompt)]
-        return out[0] if single else out
+        prompt = prompt or self.config.classify_prompt
+        return self._per_batch(
+            images, batch_size, lambda features: [labels[i] for i in self.predict_labels(features, labels, prompt)]
+        )
 
     def classify(
         self,
@@ -321,14 +324,13 @@ class VisionLanguageModel(nn.Module):
     ) -> dict[str, float] | list[dict[str, float]]:
         """Probability of each candidate label (sums to 1), most likely first. One image -> one dict."""
         labels = _check_labels(labels)
-        single, batch = _as_batch(images)
-        results = []
-        for start in range(0, len(batch), batch_size):
-            features = self._features(batch[start : start + batch_size])
-            probs = self.score_labels(features, labels, prompt or self.config.classify_prompt).softmax(-1)
-            for row in probs.tolist():
-                results.append(dict(sorted(zip(labels, row), key=lambda item: -item[1])))
-        return results[0] if single else results
+        prompt = prompt or self.config.classify_prompt
+
+        def ranked(features: torch.Tensor) -> list[dict[str, float]]:
+            probs = self.score_labels(features, labels, prompt).softmax(-1).tolist()
+            return [dict(sorted(zip(labels, row), key=lambda item: -item[1])) for row in probs]
+
+        return self._per_batch(images, batch_size, ranked)
 
     @_inference
     def generate_from_features(self, features: torch.Tensor, prompt: str, max_new_tokens: int) -> list[str]:
@@ -362,12 +364,10 @@ class VisionLanguageModel(nn.Module):
         batch_size: int = 16,
     ) -> str | list[str]:
         """Generated text for each image (greedy). One image -> one string."""
-        single, batch = _as_batch(images)
-        texts: list[str] = []
-        for start in range(0, len(batch), batch_size):
-            features = self._features(batch[start : start + batch_size])
-            texts += self.generate_from_features(features, prompt or self.config.describe_prompt, max_new_tokens)
-        return texts[0] if single else texts
+        prompt = prompt or self.config.describe_prompt
+        return self._per_batch(
+            images, batch_size, lambda features: self.generate_from_features(features, prompt, max_new_tokens)
+        )
 
     # ------------------------------------------------------- train / evaluate / save
     def fit(self, train: Any, eval: Any = None, **options: Any) -> dict[str, float]:  # noqa: A002 - contract name
