@@ -425,11 +425,12 @@ def classify_cached(features: torch.Tensor) -> Callable[..., list[int]]:
 
     def run(model: VisionLanguageModel, images: list[Any], names: list[str], batch_size: int) -> list[int]:
         prompt = model.config.classify_prompt
-        return [
-            int(i)
-            for start in range(0, len(images), batch_size)
-            for i in model.predict_labels(features[start : start + batch_size], names, prompt)
-        ]
+        with model.reuse_prompt_cache():  # as `evaluate` runs its batches
+            return [
+                int(i)
+                for start in range(0, len(images), batch_size)
+                for i in model.predict_labels(features[start : start + batch_size], names, prompt)
+            ]
 
     return run
 

@@ -13,8 +13,10 @@ the cache, so they work the same for LoRA and for prefix tuning (whose
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -90,6 +92,7 @@ class VisionLanguageModel(nn.Module):
             (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
         )
         self.stop_token_ids = {i for i in (tokenizer.eos_token_id, *self.prompts.answer_ids("")) if i is not None}
+        self._head_caches: dict[tuple[int, ...], DynamicCache] | None = None  # see `reuse_prompt_cache`
 
     # ----------------------------------------------------------------- structure
     @property
@@ -183,13 +186,41 @@ class VisionLanguageModel(nn.Module):
         """`run` on the encoder features of each batch of images, results in order; one image -> one result."""
         single, batch = _as_batch(images)
         out: list[T] = []
-        for start in range(0, len(batch), batch_size):
-            out += run(self.vision(self.vision.preprocess(batch[start : start + batch_size])))
+        with self.reuse_prompt_cache():
+            for start in range(0, len(batch), batch_size):
+                out += run(self.vision(self.vision.preprocess(batch[start : start + batch_size])))
         return out[0] if single else out
 
+    @contextlib.contextmanager
+    def reuse_prompt_cache(self) -> Iterator[None]:
+        """Inside this block, inference computes the image-independent head of each prompt (system
+        turn, user header, PEFT prefix) once and reuses its KV cache for every later batch, instead
+        of one more pass through the LLM per batch. The weights must not change inside the block.
+        `predict`, `classify`, `describe` and `evaluate` use it over their batches."""
+        if self._head_caches is not None:  # nested: the outer block owns the caches
+            yield
+            return
+        self._head_caches = {}
+        try:
+            yield
+        finally:
+            self._head_caches = None
+
     def _context(self, head_ids: Sequence[int], batch: int) -> DynamicCache:
-        """KV cache of what precedes the image, computed once and repeated over the batch: the PEFT
-        prefix (if any) and the prompt's image-independent head (system turn, user header)."""
+        """KV cache of what precedes the image, repeated over the batch: the PEFT prefix (if any) and
+        the prompt's image-independent head (system turn, user header); computed once per
+        `reuse_prompt_cache` block."""
+        key = tuple(head_ids)
+        cache = self._head_caches.get(key) if self._head_caches is not None else None
+        if cache is None:
+            cache = self._head_cache(key)
+            if self._head_caches is not None:
+                self._head_caches[key] = cache
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def _head_cache(self, head_ids: tuple[int, ...]) -> DynamicCache:
         if self.num_prefix_tokens:
             cache = self.llm.get_prompt(batch_size=1)
         else:
@@ -205,7 +236,6 @@ class VisionLanguageModel(nn.Module):
                 use_cache=True,
                 logits_to_keep=1,
             )
-        cache.batch_repeat_interleave(batch)
         return cache
 
     def _feed(

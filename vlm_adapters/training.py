@@ -284,24 +284,25 @@ def evaluate(
     names = label_names(data) or None
     was_training = model.training
     model.eval()
+    true, pred, refs, outs = [], [], [], []
     try:
-        true, pred, refs, outs = [], [], [], []
-        for start in tqdm(range(0, len(data), batch_size), desc="Evaluating", unit="batch", disable=not progress):
-            rows = data[start : start + batch_size]
-            if FEATURES_COLUMN in rows:
-                features = torch.as_tensor(rows[FEATURES_COLUMN]).float()
-            else:
-                features = model.vision.encode_images(rows["image"])
-            if names:
-                pred += model.predict_labels(features, names, prompt or model.config.classify_prompt).tolist()
-                true += [names.index(label_text(label, names)) for label in rows["label"]]
-            else:
-                prompts = rows.get("prompt") or [None] * len(rows["answer"])
-                for i, text in enumerate(prompts):  # prompts may differ per row
-                    outs += model.generate_from_features(
-                        features[i : i + 1], prompt or text or model.config.describe_prompt, max_new_tokens
-                    )
-                refs += rows["answer"]
+        with model.reuse_prompt_cache():  # the prompt head once for all batches
+            for start in tqdm(range(0, len(data), batch_size), desc="Evaluating", unit="batch", disable=not progress):
+                rows = data[start : start + batch_size]
+                if FEATURES_COLUMN in rows:
+                    features = torch.as_tensor(rows[FEATURES_COLUMN]).float()
+                else:
+                    features = model.vision.encode_images(rows["image"])
+                if names:
+                    pred += model.predict_labels(features, names, prompt or model.config.classify_prompt).tolist()
+                    true += [names.index(label_text(label, names)) for label in rows["label"]]
+                else:
+                    prompts = rows.get("prompt") or [None] * len(rows["answer"])
+                    for i, text in enumerate(prompts):  # prompts may differ per row
+                        outs += model.generate_from_features(
+                            features[i : i + 1], prompt or text or model.config.describe_prompt, max_new_tokens
+                        )
+                    refs += rows["answer"]
     finally:
         model.train(was_training)
     if not names:
