@@ -4,7 +4,8 @@ Every row of a batch repeats the same tokens before its image (system turn, user
 prompt when it comes first), and rows are padded to the longest. Packing lays out each distinct
 head once, then every row's remaining tokens without padding; the mask lets a row see its head
 and its own earlier tokens only, and positions restart per row as if it ran alone, so the loss is
-the padded batch's loss with fewer tokens through the LLM. transformers' own packing
+the padded batch's loss with fewer tokens through the LLM. A row's tokens after its last
+supervised position (its final end-of-turn) are left out: nothing reads them. transformers' own packing
 (`DataCollatorWithFlattening`) concatenates whole rows, so it cannot share the heads.
 """
 
@@ -41,7 +42,10 @@ class PackedBatch:
             group = heads.setdefault(tuple(ids[:cut].tolist()), len(heads))
             if (target[:cut] != IGNORE_INDEX).any():
                 raise ValueError("a supervised token comes before the image; only answers are supervised.")
-            rows.append((group, cut, ids[cut:], target[cut:]))
+            # tokens after the last supervised position feed nothing: no output read, no later token
+            supervised = (target != IGNORE_INDEX).nonzero()
+            end = int(supervised[-1]) + 1 if len(supervised) else len(ids)
+            rows.append((group, cut, ids[cut:end], target[cut:end]))
         device = input_ids.device
         ids_parts, pos_parts, target_parts, segment, group_of = [], [], [], [], []
         for head, group in heads.items():  # segments 0..G-1: the heads
