@@ -10,6 +10,7 @@ from peft import PeftModel
 
 from vlm_adapters import VisionLanguageModel, VLMCollator, attach
 from vlm_adapters.data import pad_right
+from vlm_adapters.packing import PackedBatch
 from vlm_adapters.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 LABELS = ["red", "green", "blue"]
@@ -57,6 +58,8 @@ def test_nf4_load_without_mapping_equals_transformers_load(tmp_path, family):
     for path in (folder, sharded):
         assert _load_quantized_unmapped(path, None, quantization_config(config), torch.device("cpu"), False)
         ours = load_llm(path, config, torch.device("cpu"))
+        # bitsandbytes' CPU inference repacking has no autograd; the loader turns it off itself
+        assert not any(m.support_avx512bf16_for_cpu for m in ours.modules() if isinstance(m, bnb.nn.Linear4bit))
         theirs = AutoModelForCausalLM.from_pretrained(
             path, quantization_config=quantization_config(config), device_map={"": "cpu"}
         )
@@ -186,6 +189,58 @@ def test_packed_training_forward_equals_the_padded_batch(llm_dir, vit_dir, image
     torch.testing.assert_close(grad_packed, grad_plain, rtol=1e-3, atol=1e-5)
 
 
+def test_packed_rows_end_at_their_last_supervised_token(llm_dir, vit_dir):
+    """The final end-of-turn of each row is a target but never an input: nothing reads its output."""
+    model = attach(vit_dir, llm_dir, system_prompt="Be brief.")
+    rows = [("What is shown in this image?", "red"), ("Describe this image.", "a green shape on white")]
+    batch = pad_right([model.prompts.encode(p, a) for p, a in rows], model.pad_token_id)
+    packed = PackedBatch.build(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    fed = 0
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        image = int((ids == IMAGE_TOKEN_ID).nonzero()[0])
+        last = int((labels != IGNORE_INDEX).nonzero()[-1])  # the final end-of-turn, read at last - 1
+        fed += image + (last - image)  # this row's head (both heads differ here) + image..last - 1
+    assert len(packed.input_ids) == fed
+    assert packed.targets[-1] != IGNORE_INDEX
+
+
+@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+def test_prompt_head_runs_once_per_call_and_sees_weights_changed_between_calls(
+    llm_dir, vit_dir, images, adapter, monkeypatch
+):
+    """predict / classify / describe run the prompt's image-independent head (system turn, PEFT
+    prefix) once for all their batches, with the results of running it per batch; the next call
+    computes it again, so weights changed in between are used."""
+    model = attach(vit_dir, llm_dir, adapter=adapter, system_prompt="Be brief.")
+    adapter_params = [p for n, p in model.llm.named_parameters() if "lora_B" in n or "prompt_encoder" in n]
+    heads = []
+    head_cache = model._head_cache
+    monkeypatch.setattr(model, "_head_cache", lambda ids: heads.append(ids) or head_cache(ids))
+    one_by_one = [model.classify(image, LABELS) for image in images[:3]]
+    assert len(heads) == 3
+    heads.clear()
+    together = model.classify(images[:3], LABELS, batch_size=1)
+    assert len(heads) == 1
+    for a, b in zip(one_by_one, together):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a)
+    heads.clear()
+    assert model.predict(images[:3], LABELS, batch_size=1) == [max(p, key=p.get) for p in together]
+    model.describe(images[:3], max_new_tokens=2, batch_size=1)
+    assert len(heads) == 2
+    original = [p.detach().clone() for p in adapter_params]
+    with torch.no_grad():
+        for p in adapter_params:
+            p.add_(torch.randn_like(p), alpha=0.5)
+    changed = model.classify(images[:3], LABELS, batch_size=1)
+    with torch.no_grad():
+        for p, value in zip(adapter_params, original):
+            p.copy_(value)
+    again = model.classify(images[:3], LABELS, batch_size=1)
+    assert any(abs(c[k] - t[k]) > 1e-3 for c, t in zip(changed, together) for k in t)
+    for a, b in zip(again, together):
+        assert all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a)
+
+
 def test_pixel_values_and_cached_features_give_the_same_loss(llm_dir, vit_dir):
     model = attach(vit_dir, llm_dir).eval()
     ds = colour_dataset(2, seed=6)
@@ -223,3 +278,16 @@ def test_inference_before_training_leaves_the_4bit_weights_trainable(llm_dir, vi
     after.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
 
+
+
+def test_auto_compute_dtype_is_the_faster_of_bf16_and_fp32(llm_dir, vit_dir):
+    from vlm_adapters.language import faster_dtype, native_compute_dtype
+
+    assert faster_dtype(fp32_seconds=1.0, bf16_seconds=0.5) == "bfloat16"  # e.g. a CPU with AMX
+    assert faster_dtype(fp32_seconds=1.0, bf16_seconds=0.9) == "float32"  # not clearly faster: the exact one
+    assert faster_dtype(fp32_seconds=0.55, bf16_seconds=1.0) == "float32"  # AVX512-BF16 without AMX
+    assert native_compute_dtype(torch.device("cpu")) in ("bfloat16", "float32")
+    model = attach(vit_dir, llm_dir)  # "auto" is resolved once and saved with the adapter
+    assert model.config.compute_dtype in ("bfloat16", "float32")
+    compute = {m.compute_dtype for m in model.base_llm.modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert compute == {getattr(torch, model.config.compute_dtype)}
