@@ -489,7 +489,8 @@ def report_classify(ctx: Context, res: dict[str, Any]) -> str:
         f"the library for one epoch over {len(ctx.classify_train)} other training images "
         f"({ctx.sizes.classify_train_per_class} per class). Library: `model.predict(images, names)` (the encoder on "
         "the images, one "
-        "forward pass over the prompt, then the tokens of only the class names under the most likely first token, "
+        "forward pass over the prompt (its image-independent head once per call, not per batch), then the tokens "
+        "of only the class names under the most likely first token, "
         "and a second round for any name whose first-token bound still beats the best full score: exactly the "
         "top label of scoring every name); 'cached' is the same on "
         "encoder features read from the feature cache (what `evaluate` does on a dataset encoded before). "
@@ -692,7 +693,11 @@ def report_memory(ctx: Context, res: dict[str, Any]) -> str:
         "until the load ends, so transformers' NF4 load holds the whole bf16 file and the quantized copy at once. "
         "The library hands transformers the same tensors, each mapped on its own and unmapped once quantized "
         "(`_load_quantized_unmapped` in `vlm_adapters/language.py`): one full-precision tensor is resident at a "
-        "time, and the weights it loads are identical (tested).",
+        "time, and the weights it loads are identical (tested). Before each tensor it hands the heap's free pages "
+        "back to the OS (glibc `malloc_trim`): the quantization temporaries of one tensor were otherwise left "
+        "resident between the small quantized blocks. And it turns off bitsandbytes' CPU repacking of 4-bit "
+        "weights (which the library never uses: it has no autograd), so the forward pass does not allocate a "
+        "second, repacked copy of every weight.",
         "",
         f"Target NF4 <= 0.45x bf16 (library): raw peaks {verdict(res['ratio_raw']['nf4'])}; peaks minus the import "
         f"baseline {verdict(res['ratio_net']['nf4'])}; minus the baselines with libraries "
@@ -927,8 +932,10 @@ def bench_peak(ctx: Context) -> dict[str, Any]:
         per_sample = time_train_steps(ctx, s.num_image_tokens, ctx.features("scaling"))
         source = "a timing made here the way section 4 makes it"
     out.update(per_sample=per_sample, source=source)
-    flops = step_flops(ctx, ctx.model(s.num_image_tokens), train_f)
+    model = ctx.model(s.num_image_tokens)
+    flops = step_flops(ctx, model, train_f)
     out["flops"] = flops
+    out["compute_dtype"] = model.config.compute_dtype
     out["achieved"] = [flops["total"] / t / 1e9 for t in per_sample]
     # Matmul peaks and step times come from different repeats; the share uses the medians.
     out["share_bf16"] = [a / statistics.median(out["bf16"]) for a in out["achieved"]]
@@ -954,9 +961,11 @@ def report_peak(ctx: Context, res: dict[str, Any]) -> str:
         f"({f['head'] / f['total']:.1%} in the head). The 6N rule counts weight "
         "gradients the frozen NF4 weights never get, so it overstates the work; the second row counts what is "
         f"computed (4N x tokens + LoRA's weight gradients + the head = {f['computed'] / 1e9:.1f} GFLOP per sample, "
-        "NF4 dequantization and attention not counted). The LLM computes "
-        "in bfloat16 where the CPU has AVX512-BF16 (`compute_dtype=\"auto\"`: NF4 weights are dequantized to bf16), "
-        "so the bf16 peak is the relevant ceiling; LoRA, norms and the head stay float32.",
+        "NF4 dequantization and attention not counted). The LLM computed in "
+        f"{res['compute_dtype']} (`compute_dtype=\"auto\"` times a bf16 and an fp32 matmul at attach and takes bf16 "
+        "only when it is clearly faster; NF4 weights are dequantized to it), so the "
+        f"{'bf16' if res['compute_dtype'] == 'bfloat16' else 'fp32'} peak is the relevant ceiling; LoRA, norms and "
+        "the head stay float32.",
         "",
         "| | GFLOP/s, median (min-max) | share of bf16 peak | share of fp32 peak |",
         "|---|---|---|---|",
