@@ -41,7 +41,7 @@ class AdapterConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | str = "all-linear"
     num_prefix_tokens: int = 16
-    compute_dtype: str = "auto"  # attach resolves it: bfloat16 where the hardware has it natively
+    compute_dtype: str = "auto"  # attach resolves it: bf16 on CUDA; on CPU the faster of bf16 / fp32, timed
     image_size: int = 224
     # Filled in by `attach`: what the bases looked like, so `load` can refuse a mismatching base.
     vision_signature: dict[str, Any] = field(default_factory=dict)
@@ -50,7 +50,7 @@ class AdapterConfig:
     describe_prompt: str = "Describe this image."
     system_prompt: str | None = None
     # The user turn: prompt then image (False), or LLaVA's image then prompt (True). Text first lets
-    # the model run the image-independent head once per batch; see prompting.py.
+    # the model run the image-independent head once per batch (once per call at inference); see prompting.py.
     image_first: bool = False
     labels: list[str] = field(default_factory=list)
     format_version: int = 1

@@ -6,9 +6,9 @@ logits only where the labels supervise (the answer), not over the whole sequence
 `classify` scores every candidate label in one pass (the labels' tokens fed as a trie after the
 prompt, see `scoring.py`); `predict` feeds only the labels that can still be the top one;
 `describe` decodes greedily from the prompt's KV cache. All three run the prompt's
-image-independent head once per batch and call the base model with the PEFT prefix (if any) in
-the cache, so they work the same for LoRA and for prefix tuning (whose
-`generate(inputs_embeds=...)` fails).
+image-independent head once per call (`reuse_prompt_cache`), not once per batch, and call the
+base model with the PEFT prefix (if any) in the cache, so they work the same for LoRA and for
+prefix tuning (whose `generate(inputs_embeds=...)` fails).
 """
 
 from __future__ import annotations
