@@ -1,7 +1,8 @@
 """The standard recipe, written the way the transformers / TRL documentation does it, for side-by-side
 benchmarks: every training step runs the vision encoder on the batch's pixels, the LLM computes
 full-vocabulary logits at every position (its own `labels=` loss), batches are padded to the longest
-sequence, and classification is `generate` + string match. Gradient checkpointing is on, as in the
+sequence, LoRA runs PEFT's own forward (run training inside `peft_lora_forward(vlm)`), and
+classification is `generate` + string match. Gradient checkpointing is on, as in the
 HF cookbook's QLoRA recipe (`gradient_checkpointing=True`, `use_reentrant=False`) and
 `peft.prepare_model_for_kbit_training`'s default.
 
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import Trainer
 
 from vlm_adapters.data import pad_right
+from vlm_adapters.fast_lora import peft_lora_forward
 from vlm_adapters.model import VisionLanguageModel
 from vlm_adapters.prompting import IMAGE_TOKEN_ID
 
@@ -69,13 +71,14 @@ def classify_by_generate(
     vlm.eval()
     ids = torch.tensor([vlm.prompts.encode(vlm.config.classify_prompt).input_ids] * len(images))
     embeds = vlm.embed(ids, vlm.projector(vlm.vision(vlm.vision.preprocess(images))))
-    out = vlm.llm.generate(
-        inputs_embeds=embeds,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=vlm.pad_token_id,
-    )
+    with peft_lora_forward(vlm):
+        out = vlm.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=vlm.pad_token_id,
+        )
     texts = vlm.tokenizer.batch_decode(out, skip_special_tokens=True)
     by_length = sorted(range(len(names)), key=lambda i: -len(names[i]))  # "T-shirt/top" before "Shirt"
     return [next((i for i in by_length if names[i].lower() in t.lower()), -1) for t in texts]

@@ -50,6 +50,7 @@ from vlm_adapters import VisionLanguageModel, VLMCollator, attach  # noqa: E402
 from vlm_adapters.assets import FASHION_MNIST_LABELS as FASHION_LABELS  # noqa: E402
 from vlm_adapters.assets import efficientnet_lite0, fashion_mnist, smollm2_instruct  # noqa: E402
 from vlm_adapters.data import with_image_features  # noqa: E402
+from vlm_adapters.fast_lora import peft_lora_forward  # noqa: E402
 from vlm_adapters.packing import PackedBatch  # noqa: E402
 from vlm_adapters.prompting import IGNORE_INDEX  # noqa: E402
 
@@ -334,7 +335,8 @@ def bench_training(ctx: Context) -> dict[str, Any]:
             trainer = reference_trainer(model, ctx.train, ctx.names, TrainingArguments(**args))
             trainer.add_callback(cb)
             try:
-                metrics = trainer.train().metrics
+                with peft_lora_forward(model):  # the standard recipe runs PEFT's own LoRA forward
+                    metrics = trainer.train().metrics
             finally:
                 model.base_llm.gradient_checkpointing_disable()  # the library run shares this LLM
         return t[0], len(cb.ends), metrics
@@ -385,7 +387,8 @@ def report_training(ctx: Context, res: dict[str, Any]) -> str:
         "the feature cache (a fresh, empty cache folder every repeat, so each repeat encodes the images once); "
         "its batches run packed (no padding, the system turn + prompt once per batch, logits at answer tokens only). "
         "Reference: `reference_trainer(...)` + `train()` (the encoder runs on every batch's pixels, full-vocabulary "
-        "logits, the LLM's own loss, gradient checkpointing on as in the HF cookbook's QLoRA recipe). "
+        "logits, the LLM's own loss, PEFT's own LoRA forward, gradient checkpointing on as in the HF cookbook's "
+        "QLoRA recipe). "
         "The two runs of a repeat start from the same initial weights and alternate "
         "in order; one untimed 1-step run of each comes first.",
         "",

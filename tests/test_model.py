@@ -291,3 +291,57 @@ def test_auto_compute_dtype_is_the_faster_of_bf16_and_fp32(llm_dir, vit_dir):
     assert model.config.compute_dtype in ("bfloat16", "float32")
     compute = {m.compute_dtype for m in model.base_llm.modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert compute == {getattr(torch, model.config.compute_dtype)}
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_fused_lora_4bit_equals_peft_lora_in_loss_and_gradients(llm_dir, vit_dir, compute_dtype):
+    """The one-node LoRA forward on 4-bit layers computes PEFT's function: same loss, same gradients
+    for the projector and every LoRA weight (bf16 matmuls round in another order: looser there)."""
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from vlm_adapters.fast_lora import peft_lora_forward
+
+    model = attach(vit_dir, llm_dir, compute_dtype=compute_dtype)
+    lora_layers = [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
+    assert lora_layers and all("forward" in m.__dict__ for m in lora_layers)
+    with torch.no_grad():  # LoRA B starts at zero; give the LoRA term a value and a gradient path
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    ds = colour_dataset(3, seed=8)
+    batch = VLMCollator(model, LABELS)([ds[i] for i in range(6)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    fused = model(**batch).loss
+    fused_grads = torch.autograd.grad(fused, params)
+    with peft_lora_forward(model):
+        assert not any("forward" in m.__dict__ for m in lora_layers)
+        plain = model(**batch).loss
+        plain_grads = torch.autograd.grad(plain, params)
+    assert all("forward" in m.__dict__ for m in lora_layers)
+    tol = 1e-5 if compute_dtype == "float32" else 2e-2
+    assert fused.item() == pytest.approx(plain.item(), rel=tol)
+    for got, want in zip(fused_grads, plain_grads):
+        assert got.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_fused_lora_4bit_falls_back_to_peft_where_it_does_not_apply(llm_dir, vit_dir, images):
+    """Disabled adapters and LoRA dropout take PEFT's own forward."""
+    model = attach(vit_dir, llm_dir, lora_dropout=0.1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.05)
+    features = model.vision.encode_images(images[:2])
+    with_lora = model.score_labels(features, LABELS, "Colour?")
+    with model.llm.disable_adapter():
+        without = model.score_labels(features, LABELS, "Colour?")
+    assert not torch.allclose(with_lora, without)
+    model.train()
+    ds = colour_dataset(2, seed=9)
+    batch = VLMCollator(model, LABELS)([ds[i] for i in range(4)])
+    torch.manual_seed(0)
+    first = model(**batch).loss
+    torch.manual_seed(1)
+    assert model(**batch).loss.item() != first.item()  # dropout masks differ: PEFT's dropout ran

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from .config import AdapterConfig
+from .fast_lora import fuse_lora_4bit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -225,7 +226,11 @@ def add_adapter(llm: PreTrainedModel, config: AdapterConfig) -> PreTrainedModel 
         disable_cpu_4bit_repacking(llm)
     llm.requires_grad_(False)
     peft_cfg = peft_config(config)
-    return llm if peft_cfg is None else get_peft_model(llm, peft_cfg)
+    if peft_cfg is None:
+        return llm
+    model = get_peft_model(llm, peft_cfg)
+    fuse_lora_4bit(model)
+    return model
 
 
 def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) -> PreTrainedModel | PeftModel:
@@ -243,4 +248,5 @@ def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) ->
     if prompt_learning:
         for name, param in model.named_parameters():
             param.requires_grad_("prompt_encoder" in name)
+    fuse_lora_4bit(model)
     return model
