@@ -37,7 +37,7 @@ def native_compute_dtype(device: torch.device) -> str:
     CUDA: bfloat16 where supported. CPU: AVX512-BF16 alone does not make bf16 faster. On a
     Xeon with AVX512-BF16 but no AMX, a bf16 matmul of LLM shapes ran at 170 GFLOP/s against
     310 for fp32, while an earlier machine ran bf16 2.4x faster than fp32. So the two are timed
-    on a matmul of LLM shapes (about 30 ms), and bf16 is taken only when it is clearly faster.
+    on a matmul of LLM shapes (tens of ms, once per attach), and bf16 is taken only when it is clearly faster.
     `attach` writes the result into the saved config, so a reload computes the same way.
     """
     if device.type == "cuda":

@@ -210,13 +210,13 @@ class VisionLanguageModel(nn.Module):
         """KV cache of what precedes the image, repeated over the batch: the PEFT prefix (if any) and
         the prompt's image-independent head (system turn, user header); computed once per
         `reuse_prompt_cache` block."""
-        key = tuple(head_ids)
-        cache = self._head_caches.get(key) if self._head_caches is not None else None
-        if cache is None:
+        key, shared = tuple(head_ids), self._head_caches
+        if shared is None:
             cache = self._head_cache(key)
-            if self._head_caches is not None:
-                self._head_caches[key] = cache
-        cache = copy.deepcopy(cache)
+        else:
+            if key not in shared:
+                shared[key] = self._head_cache(key)
+            cache = copy.deepcopy(shared[key])  # repeating over the batch replaces its tensors
         cache.batch_repeat_interleave(batch)
         return cache
 
