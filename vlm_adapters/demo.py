@@ -28,8 +28,8 @@ from .hub import load
 @dataclass
 class DemoOptions:
     """Sizes of the demo run. From an empty cache on a 2-core CPU the defaults took 8 minutes with fp32
-    compute (85.6% against the linear probe's 86.2%) and 13 with bf16 on another CPU (86.2%), see
-    docs/results.md; a higher LoRA learning rate or batches of 16 scored lower, and one epoch over
+    compute (85.6% against the linear probe's 86.2%; 87.0% with bf16 on the same CPU, 8.5 minutes),
+    see docs/results.md; a higher LoRA learning rate or batches of 16 scored lower, and one epoch over
     more images beat two over fewer."""
 
     output_dir: str = "runs/demo"
@@ -44,6 +44,7 @@ class DemoOptions:
     describe_ratio: float = 0.25
     per_device_train_batch_size: int = 8
     system_prompt: str = "You classify images."
+    compute_dtype: str = "auto"
     seed: int = 0
 
 
@@ -96,6 +97,7 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
         model = attach(
             encoder, llm_path, image_processor=processor, adapter="lora", quantization="nf4",
             num_image_tokens=opts.num_image_tokens, system_prompt=opts.system_prompt, seed=opts.seed,
+            compute_dtype=opts.compute_dtype,
         )
 
     with phase(report, "encode images (cached)"):
