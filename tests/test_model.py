@@ -196,10 +196,10 @@ def test_packed_rows_end_at_their_last_supervised_token(llm_dir, vit_dir):
     batch = pad_right([model.prompts.encode(p, a) for p, a in rows], model.pad_token_id)
     packed = PackedBatch.build(batch["input_ids"], batch["attention_mask"], batch["labels"])
     fed = 0
-    for ids, labels in zip(batch["input_ids"], batch["labels"]):
-        image = int((ids == IMAGE_TOKEN_ID).nonzero()[0])
-        last = int((labels != IGNORE_INDEX).nonzero()[-1])  # the final end-of-turn, read at last - 1
-        fed += image + (last - image)  # this row's head (both heads differ here) + image..last - 1
+    for labels in batch["labels"]:
+        # the two heads differ, so each row feeds its own head and tokens up to its final end-of-turn,
+        # which sits at `last` and is read at `last - 1`: positions 0 .. last - 1
+        fed += int((labels != IGNORE_INDEX).nonzero()[-1])
     assert len(packed.input_ids) == fed
     assert packed.targets[-1] != IGNORE_INDEX
 
@@ -277,7 +277,6 @@ def test_inference_before_training_leaves_the_4bit_weights_trainable(llm_dir, vi
     assert after.item() == before.item()
     after.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.projector.parameters())
-
 
 
 def test_auto_compute_dtype_is_the_faster_of_bf16_and_fp32(llm_dir, vit_dir):

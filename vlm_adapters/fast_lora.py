@@ -78,9 +78,13 @@ def _forward(layer: LoraLinear4bit, x: torch.Tensor, *args: Any, **kwargs: Any) 
 def fuse_lora_4bit(model: nn.Module) -> int:
     """Give every PEFT LoRA layer on a 4-bit linear the one-node forward; returns how many."""
     layers = [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
+    _install(layers)
+    return len(layers)
+
+
+def _install(layers: list[LoraLinear4bit]) -> None:
     for layer in layers:
         layer.forward = functools.partial(_forward, layer)
-    return len(layers)
 
 
 @contextlib.contextmanager
@@ -92,5 +96,4 @@ def peft_lora_forward(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for layer in fused:
-            layer.forward = functools.partial(_forward, layer)
+        _install(fused)

@@ -5,8 +5,8 @@ prompt when it comes first), and rows are padded to the longest. Packing lays ou
 head once, then every row's remaining tokens without padding; the mask lets a row see its head
 and its own earlier tokens only, and positions restart per row as if it ran alone, so the loss is
 the padded batch's loss with fewer tokens through the LLM. A row's tokens after its last
-supervised position (its final end-of-turn) are left out: nothing reads them. transformers' own packing
-(`DataCollatorWithFlattening`) concatenates whole rows, so it cannot share the heads.
+supervised position (its final end-of-turn) are left out: nothing reads them. transformers' own
+packing (`DataCollatorWithFlattening`) concatenates whole rows, so it cannot share the heads.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The user turn is the prompt, then the image (`image_first=False`, the default): everything before
 the image is then the same for every row that shares a prompt, so the model runs it once per
-training batch and once per inference call (`model.py`). `image_first=True` gives LLaVA's order (image, then prompt).
+training batch and once per inference call (`model.py`). `image_first=True` gives LLaVA's order
+(image, then prompt).
 
 The image is a run of `IMAGE_TOKEN_ID` (-200, as in LLaVA) placeholders in `input_ids`; the model
 replaces them with projected patch embeddings, so the tokenizer's vocabulary and the LLM's
