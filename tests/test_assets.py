@@ -18,14 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm_adapters import assets
-from vlm_adapters.assets import (
+from vlm_adapters.demo import assets
+from vlm_adapters.demo.assets import (
     FASHION_MNIST_LABELS,
-    build_folder_atomically,
     efficientnet_lite0,
     fashion_mnist,
     smollm2_instruct,
 )
+from vlm_adapters.files import write_folder_atomically
 
 needs_fashion_mnist = pytest.mark.skipif(
     not os.path.isdir(assets.FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist"
@@ -180,23 +180,20 @@ def test_smollm2_instruct_reuses_cache(smollm2_path: str, cache_dir: str) -> Non
 # --- atomic folder writes --------------------------------------------------------------------
 
 
-def test_build_folder_atomically(tmp_path) -> None:
+def test_write_folder_atomically(tmp_path) -> None:
     target = str(tmp_path / "asset")
-
-    def complete(folder: str) -> bool:
-        return os.path.isfile(os.path.join(folder, "done"))
 
     def broken(folder: str) -> None:
         open(os.path.join(folder, "half"), "w").close()
         raise KeyboardInterrupt  # an interrupted conversion
 
     with pytest.raises(KeyboardInterrupt):
-        build_folder_atomically(target, broken, complete)
+        write_folder_atomically(target, broken)
     assert os.listdir(tmp_path) == []  # neither the target nor the temp folder is left
 
     def good(folder: str) -> None:
         open(os.path.join(folder, "done"), "w").close()
 
     os.makedirs(target)  # an incomplete folder from older code is replaced
-    assert build_folder_atomically(target, good, complete) == target
-    assert complete(target) and os.listdir(tmp_path) == ["asset"]
+    assert write_folder_atomically(target, good) == target
+    assert os.listdir(target) == ["done"] and os.listdir(tmp_path) == ["asset"]

@@ -30,7 +30,8 @@ def test_help_lists_every_option(command, capsys):
         main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for cls in COMMANDS[command][0]:
+    classes, _ = COMMANDS[command][1]()
+    for cls in classes:
         for name in cls.__dataclass_fields__:
             if cls.__dataclass_fields__[name].init:
                 assert f"--{name}" in text, f"--{name} missing from `{command} --help`"

@@ -94,7 +94,7 @@ def test_fit_leaves_curves_confusion_matrix_and_tensorboard_logs(tmp_path, llm_d
 
 def test_fit_and_evaluate_accept_cached_features_formatted_as_torch(tmp_path, llm_dir, vit_dir):
     """Cached features as a dataset the user formatted as torch (labels come out as tensors)."""
-    from vlm_adapters.data import with_image_features
+    from vlm_adapters.features import with_image_features
 
     model = attach(vit_dir, llm_dir)
     shape = (model.projector.num_vision_tokens, model.config.vision_signature["hidden_size"])

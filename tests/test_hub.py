@@ -13,6 +13,7 @@ import huggingface_hub
 import pytest
 import torch
 from conftest import colour_dataset, save_llm, save_vision
+from huggingface_hub import ModelCard
 from huggingface_hub.utils._http import default_client_factory
 from safetensors.torch import load_file
 
@@ -53,8 +54,9 @@ def test_save_then_load_gives_identical_logits(tmp_path, llm_dir, vit_dir, image
     assert set(os.listdir(folder)) == expected  # only what was trained, no pickles, no base weights
     config = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
     assert config["vision"] == vit_dir and config["llm"] == llm_dir and config["adapter"] == adapter
-    card = (tmp_path / "adapter" / "README.md").read_text()
-    assert "vlm_adapters" in card and "from vlm_adapters import load" in card
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.library_name == "vlm_adapters" and card.data.pipeline_tag == "image-text-to-text"
+    assert f'load("{folder}")' in card.text
 
     again = load(folder)
     torch.testing.assert_close(_scores(again, images), before, rtol=0, atol=1e-5)
@@ -160,7 +162,7 @@ def test_nf4_base_by_repo_id_is_quantized_from_the_hub_cache_offline(tmp_path, l
     from transformers import AutoModelForCausalLM
 
     from vlm_adapters.config import AdapterConfig
-    from vlm_adapters.language import _load_quantized_unmapped, quantization_config
+    from vlm_adapters.llm import _load_quantized_unmapped, quantization_config
 
     cache = str(tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", cache)
@@ -204,6 +206,9 @@ def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_d
     huggingface_hub.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(handler)))
     try:
         model = attach(vit_dir, llm_dir)
+        # the names a Hub user's config holds (the model card lists them as its bases and dataset)
+        model.config.llm, model.config.vision = "HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"
+        model.config.dataset = "me/colour-squares"
         url = model.push_to_hub("me/colours", token="hf_SecretToken0123456789", private=True)
     finally:
         huggingface_hub.set_client_factory(default_client_factory)
@@ -217,6 +222,11 @@ def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_d
     uploaded = {line["value"]["path"]: line["value"] for line in lines if line["key"] == "file"}
     assert set(uploaded) == {CONFIG_NAME, "projector.safetensors", "adapter_config.json",
                              "adapter_model.safetensors", "README.md"}
+    card = ModelCard(base64.b64decode(uploaded["README.md"]["content"]).decode())
+    assert card.data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"]
+    assert card.data.datasets == ["me/colour-squares"] and card.data.pipeline_tag == "image-text-to-text"
+    assert card.data.library_name == "vlm_adapters"
+    assert 'load("me/colours")' in card.text  # the usage snippet names the real repo
     for name, entry in uploaded.items():
         assert b"hf_SecretToken" not in base64.b64decode(entry["content"]), name
 

@@ -9,7 +9,7 @@ from conftest import colour_dataset, save_llm
 from peft import PeftModel
 
 from vlm_adapters import VisionLanguageModel, VLMCollator, attach
-from vlm_adapters.data import pad_right
+from vlm_adapters.collator import pad_right
 from vlm_adapters.packing import PackedBatch
 from vlm_adapters.prompting import IGNORE_INDEX, IMAGE_TOKEN_ID
 
@@ -48,7 +48,7 @@ def test_nf4_load_without_mapping_equals_transformers_load(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
     from vlm_adapters.config import AdapterConfig
-    from vlm_adapters.language import _load_quantized_unmapped, load_llm, quantization_config
+    from vlm_adapters.llm import _load_quantized_unmapped, load_llm, quantization_config
 
     folder = str(tmp_path / family)
     save_llm(folder, family)
@@ -280,7 +280,7 @@ def test_inference_before_training_leaves_the_4bit_weights_trainable(llm_dir, vi
 
 
 def test_auto_compute_dtype_is_the_faster_of_bf16_and_fp32(llm_dir, vit_dir):
-    from vlm_adapters.language import faster_dtype, native_compute_dtype
+    from vlm_adapters.llm import faster_dtype, native_compute_dtype
 
     assert faster_dtype(fp32_seconds=1.0, bf16_seconds=0.5) == "bfloat16"  # e.g. a CPU with AMX
     assert faster_dtype(fp32_seconds=1.0, bf16_seconds=0.9) == "float32"  # not clearly faster: the exact one

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from vlm_adapters import PromptTooLongError, attach
-from vlm_adapters import training as training_module
+from vlm_adapters import trainer as trainer_module
 from vlm_adapters.images import ImageLoadError
 from vlm_adapters.prompting import IMAGE_TOKEN_ID
 
@@ -56,7 +56,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, ll
 def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, llm_dir, vit_dir, colours, monkeypatch):
     train, _ = colours
     model = attach(vit_dir, llm_dir)
-    real_write = training_module.write_adapter_files
+    real_write = trainer_module.write_adapter_files
     calls = []
 
     def failing_write(m, directory):
@@ -67,13 +67,13 @@ def test_crash_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, llm_di
             raise OSError(28, "No space left on device")
         real_write(m, directory)
 
-    monkeypatch.setattr(training_module, "write_adapter_files", failing_write)
+    monkeypatch.setattr(trainer_module, "write_adapter_files", failing_write)
     with pytest.raises(OSError, match="No space left"):
         model.fit(train, output_dir=str(tmp_path), max_steps=6, save_strategy="steps", save_steps=2, **FAST)
     entries = os.listdir(tmp_path)
     assert [e for e in entries if e.startswith("checkpoint-")] == ["checkpoint-2"]
     assert len(load_file(tmp_path / "checkpoint-2" / "projector.safetensors")) > 0  # intact
-    monkeypatch.setattr(training_module, "write_adapter_files", real_write)
+    monkeypatch.setattr(trainer_module, "write_adapter_files", real_write)
     resumed = attach(vit_dir, llm_dir)
     result = resumed.fit(train, output_dir=str(tmp_path), max_steps=6, save_strategy="steps", save_steps=2,
                          resume_from_checkpoint=True, **FAST)

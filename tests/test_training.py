@@ -10,7 +10,7 @@ from conftest import colour_dataset
 from safetensors.torch import load_file
 
 from vlm_adapters import attach
-from vlm_adapters.data import FEATURES_COLUMN, with_image_features
+from vlm_adapters.features import FEATURES_COLUMN, with_image_features
 
 FAST = dict(learning_rate=5e-3, projector_lr=5e-3, disable_tqdm=True, logging_steps=3)
 

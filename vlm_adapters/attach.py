@@ -1,4 +1,9 @@
-"""`attach`: put a trainable projector and a PEFT adapter between a frozen encoder and an LLM."""
+"""Build a `VisionLanguageModel` on its two bases: fresh (`attach`) or from a saved adapter (`load`).
+
+`attach` puts a trainable projector and a PEFT adapter between a frozen encoder and an LLM; `load`
+rebuilds the same model from an adapter folder or Hub repo, refusing bases that do not match the
+recorded signatures, and reading weights from safetensors only.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import AdapterConfig
-from .language import add_adapter, is_quantized, load_llm, native_compute_dtype, resolve_device
+from .hub import AdapterLoadError, check_signature, check_weight_files, read_projector, resolve_adapter_dir
+from .llm import add_adapter, is_quantized, load_adapter, load_llm, native_compute_dtype, resolve_device
 from .model import VisionLanguageModel
 from .projector import Projector
 from .vision import Preprocessor, VisionTower
@@ -141,3 +147,53 @@ def attach(
         trust_remote_code=trust_remote_code,
     )
     return VisionLanguageModel(config, tower, proj, add_adapter(base, config), tokenizer)
+
+
+def load(
+    source: str,
+    *,
+    vision: str | nn.Module | None = None,
+    llm: str | PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    image_processor: Preprocessor | None = None,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    **overrides: Any,
+) -> VisionLanguageModel:
+    """Rebuild a saved adapter on its bases: a local folder or a Hub repo id (through the HF cache).
+
+    `vision=` / `llm=` put it on a local copy (or an in-memory module) of the same bases; other
+    overrides use attach's option names, e.g. `quantization=None`.
+    """
+    directory = resolve_adapter_dir(source, revision=revision, token=token, allow_pickle=allow_pickle)
+    config = AdapterConfig.load(directory)  # validated before any weight is read
+    if overrides:
+        config = AdapterConfig.from_dict({**config.to_dict(), **overrides})
+    check_weight_files(directory, config, allow_pickle)
+    vision_source = vision if vision is not None else config.vision
+    llm_source = llm if llm is not None else config.llm
+    for kind, value in (("vision", vision_source), ("llm", llm_source)):
+        if value is None:
+            raise AdapterLoadError(
+                f"this adapter was attached to an in-memory {kind} module, so its config names no {kind} base to "
+                f"rebuild from. Pass load({source!r}, {kind}=<the same {kind} model or its path>)."
+            )
+    saved = {"vision": dict(config.vision_signature), "llm": dict(config.llm_signature)}
+    tower, projector, base, tokenizer = assemble(
+        config, vision_source, llm_source, tokenizer=tokenizer, image_processor=image_processor, device=device,
+        trust_remote_code=trust_remote_code,
+    )
+    check_signature("vision", saved["vision"], config.vision_signature, _name(vision_source))
+    check_signature("llm", saved["llm"], config.llm_signature, _name(llm_source))
+    try:
+        projector.load_state_dict(read_projector(directory, allow_pickle), strict=True)
+    except RuntimeError as err:
+        raise AdapterLoadError(f"projector weights in {directory} do not fit this configuration: {err}") from err
+    return VisionLanguageModel(config, tower, projector, load_adapter(base, directory, config), tokenizer)
+
+
+def _name(source: Any) -> str | None:
+    return source if isinstance(source, str) else None

@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from .demo import DemoOptions, run_demo
+from .config import AttachOptions, FitOptions
 
 
 @dataclass
@@ -38,20 +38,6 @@ class TrainOptions:
     llm: str = field(metadata={"help": "Hub id or local path of the causal LLM"})
     train: str = field(metadata={"help": "imagefolder dir, CSV/JSONL file, save_to_disk dir or Hub dataset id"})
     eval: str | None = field(default=None, metadata={"help": "eval data; default: a stratified 10%% of train"})
-    adapter: str = "lora"
-    quantization: str | None = "nf4"
-    projector: str = "mlp2x_gelu"
-    num_image_tokens: int | None = None
-    vision_feature_layer: int = -2
-    lora_r: int = 16
-    lora_alpha: int = 32
-    num_prefix_tokens: int = 16
-    compute_dtype: str = "auto"
-    system_prompt: str | None = None
-    projector_lr: float = 1e-3
-    align_epochs: float = 0.0
-    early_stopping_patience: int | None = None
-    skip_bad_images: bool = False
     push_to_hub_id: str | None = field(default=None, metadata={"help": "Hub repo id to push the adapter to"})
 
 
@@ -87,12 +73,6 @@ class PushOptions:
     revision: str | None = None
 
 
-def _attach_kwargs(opts: TrainOptions) -> dict[str, Any]:
-    skip = {"vision", "llm", "train", "eval", "projector_lr", "align_epochs", "early_stopping_patience",
-            "skip_bad_images", "push_to_hub_id"}
-    return {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name not in skip}
-
-
 def _changed_training_args(args: TrainingArguments) -> dict[str, Any]:
     """Only the TrainingArguments the user set, so fit()'s own defaults apply to the rest."""
     defaults = TrainingArguments(output_dir=args.output_dir)
@@ -103,7 +83,9 @@ def _changed_training_args(args: TrainingArguments) -> dict[str, Any]:
     } | {"output_dir": args.output_dir}
 
 
-def cmd_train(opts: TrainOptions, training_args: TrainingArguments) -> None:
+def cmd_train(
+    opts: TrainOptions, attach_opts: AttachOptions, fit_opts: FitOptions, training_args: TrainingArguments
+) -> None:
     from .attach import attach
     from .data import load_data, split_for_eval
 
@@ -111,11 +93,11 @@ def cmd_train(opts: TrainOptions, training_args: TrainingArguments) -> None:
     evaluation = load_data(opts.eval, split="test") if opts.eval else None
     if evaluation is None:
         train, evaluation = split_for_eval(train)
-    model = attach(opts.vision, opts.llm, **_attach_kwargs(opts))
+    model = attach(opts.vision, opts.llm, **dataclasses.asdict(attach_opts))
+    if not os.path.exists(opts.train):
+        model.config.dataset = opts.train  # a Hub dataset id, named in the model card
     result = model.fit(
-        train, evaluation, projector_lr=opts.projector_lr, align_epochs=opts.align_epochs,
-        early_stopping_patience=opts.early_stopping_patience, skip_bad_images=opts.skip_bad_images,
-        **_changed_training_args(training_args),
+        train, evaluation, **dataclasses.asdict(fit_opts), **_changed_training_args(training_args)
     )
     adapter_dir = model.save_pretrained(os.path.join(training_args.output_dir, "adapter"))
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, indent=2))
@@ -125,8 +107,8 @@ def cmd_train(opts: TrainOptions, training_args: TrainingArguments) -> None:
 
 
 def cmd_evaluate(opts: EvaluateOptions) -> None:
+    from .attach import load
     from .data import load_data
-    from .hub import load
 
     metrics = load(opts.adapter).evaluate(load_data(opts.data, split=opts.split), output_dir=opts.output_dir)
     os.makedirs(opts.output_dir, exist_ok=True)
@@ -145,7 +127,7 @@ def image_paths(pattern: str) -> list[str]:
 
 
 def cmd_predict(opts: PredictOptions) -> None:
-    from .hub import load
+    from .attach import load
 
     model = load(opts.adapter)
     labels = opts.labels.split(",") if opts.labels else model.config.labels
@@ -185,18 +167,28 @@ def cmd_push(opts: PushOptions) -> None:
 
 
 def cmd_convert(opts: ConvertOptions) -> None:
-    from .assets import smollm2_instruct
+    from .demo.assets import smollm2_instruct
 
     print(smollm2_instruct(opts.cache_dir))
 
 
-COMMANDS: dict[str, tuple[tuple[type, ...], Callable[..., Any], str]] = {
-    "demo": ((DemoOptions,), run_demo, "fine-tune + classify + describe on the shipped real weights and data"),
-    "train": ((TrainOptions, TrainingArguments), cmd_train, TrainOptions.__doc__ or ""),
-    "evaluate": ((EvaluateOptions,), cmd_evaluate, EvaluateOptions.__doc__ or ""),
-    "predict": ((PredictOptions,), cmd_predict, PredictOptions.__doc__ or ""),
-    "push": ((PushOptions,), cmd_push, PushOptions.__doc__ or ""),
-    "convert-gguf": ((ConvertOptions,), cmd_convert, ConvertOptions.__doc__ or ""),
+def _demo() -> tuple[tuple[type, ...], Callable[..., Any]]:
+    from .demo import DemoOptions, run_demo  # the demo and its assets load only when asked for
+
+    return (DemoOptions,), run_demo
+
+
+Command = Callable[[], tuple[tuple[type, ...], Callable[..., Any]]]
+COMMANDS: dict[str, tuple[str, Command]] = {
+    "demo": ("fine-tune + classify + describe on the shipped real weights and data", _demo),
+    "train": (
+        TrainOptions.__doc__ or "",
+        lambda: ((TrainOptions, AttachOptions, FitOptions, TrainingArguments), cmd_train),
+    ),
+    "evaluate": (EvaluateOptions.__doc__ or "", lambda: ((EvaluateOptions,), cmd_evaluate)),
+    "predict": (PredictOptions.__doc__ or "", lambda: ((PredictOptions,), cmd_predict)),
+    "push": (PushOptions.__doc__ or "", lambda: ((PushOptions,), cmd_push)),
+    "convert-gguf": (ConvertOptions.__doc__ or "", lambda: ((ConvertOptions,), cmd_convert)),
 }
 
 
@@ -206,14 +198,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="vlm-adapters",
         description="Vision adapters for 4-bit LLMs. Run `vlm-adapters COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(f"  {name:<13} {doc}" for name, (_, _, doc) in COMMANDS.items()),
+        epilog="\n".join(f"  {name:<13} {doc}" for name, (doc, _) in COMMANDS.items()),
     )
     top.add_argument("command", choices=list(COMMANDS))
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0
     command = top.parse_args(argv[:1]).command
-    classes, run, description = COMMANDS[command]
+    description, resolve = COMMANDS[command]
+    classes, run = resolve()
     parser = HfArgumentParser(classes, prog=f"vlm-adapters {command}", description=description)
     rest = argv[1:]
     if len(rest) == 1 and rest[0].endswith((".yaml", ".yml")):

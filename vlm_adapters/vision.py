@@ -54,7 +54,7 @@ class VisionTower(nn.Module):
         super().__init__()
         self.source = source  # "name@revision" when loaded by name: identifies the weights for the feature cache
         self.encoder = encoder.eval().requires_grad_(False)
-        # CNN backbones run ~1.8x faster on CPU in channels-last layout, with the same results.
+        # CNN backbones run faster on CPU in channels-last layout, with the same results.
         self.channels_last = sum(isinstance(m, nn.Conv2d) for m in encoder.modules()) > 1
         if self.channels_last:
             self.encoder.to(memory_format=torch.channels_last)
