@@ -13,13 +13,42 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ImageInput = Any  # PIL.Image | str | os.PathLike | np.ndarray | torch.Tensor | dict from datasets
 
 
 class ImageLoadError(ValueError):
     """An image could not be read; the message names the source and the fix."""
+
+
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+
+def _pil_suffixes() -> frozenset[str]:
+    # PIL only identifies MPEG and the stub formats (HDF5, GRIB, BUFR, WMF off Windows): they decode
+    # nothing without a handler the user registers. Save-only formats (PDF) have no opener at all.
+    def decodes(fmt: str) -> bool:
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+        return factory is not None and not stub and fmt != "MPEG"
+
+    return frozenset(suffix for suffix, fmt in Image.registered_extensions().items() if decodes(fmt))
+
+
+IMAGE_SUFFIXES: frozenset[str] = _pil_suffixes() | DICOM_SUFFIXES
+"""Lower-case file suffixes `load_image` reads: PIL's decodable formats plus DICOM."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether a folder scan should pick up `path`: its suffix (any case) is in IMAGE_SUFFIXES."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_SUFFIXES
+
+
+def is_dicom(head: bytes, name: str) -> bool:
+    """Part-10 DICOM files carry 'DICM' after a 128-byte preamble; older exports and raw datasets
+    have none, and then only their suffix says DICOM."""
+    return head[128:132] == b"DICM" or os.path.splitext(name)[1].lower() in DICOM_SUFFIXES
 
 
 def _check_finite(array: np.ndarray) -> None:
@@ -29,15 +58,15 @@ def _check_finite(array: np.ndarray) -> None:
         raise ImageLoadError("image array holds NaN or inf values; clean it before passing it in.")
 
 
-def _stretch_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Map a high-bit-depth or float array onto 0..255 using its own range (X-ray exports use
-    only part of the 16-bit range, so a fixed /257 would leave them nearly black)."""
+def _stretch_to_uint8(array: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Map a high-bit-depth or float array onto 0..255, from `value_range` (clipped) or else its own
+    range (X-ray exports use only part of the 16-bit range, so a fixed /257 would leave them nearly black)."""
     _check_finite(array)
     array = array.astype(np.float64)
-    low, high = float(array.min()), float(array.max())
+    low, high = value_range or (float(array.min()), float(array.max()))
     if high <= low:
         return np.zeros(array.shape, dtype=np.uint8)
-    return np.round((array - low) / (high - low) * 255.0).astype(np.uint8)
+    return np.round(np.clip((array - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
@@ -101,11 +130,10 @@ def _decode(fileobj: Any, name: str) -> Image.Image:
     fileobj.seek(0)
     if not head:
         raise ImageLoadError(f"{name}: the file is empty (0 bytes); re-export or remove it.")
-    if head[128:132] == b"DICM":
-        raise ImageLoadError(
-            f"{name} is a DICOM file, not a PNG/JPEG. Read it with pydicom "
-            "(pydicom.dcmread(path).pixel_array) and pass the array, or export it to PNG."
-        )
+    if is_dicom(head, name):
+        from .dicom import decode_dicom  # imported here: dicom.py builds on this module
+
+        return decode_dicom(fileobj, name)
     # Decompression bombs: PIL refuses images over 2 * Image.MAX_IMAGE_PIXELS (default 89.5M pixels)
     # with DecompressionBombError, turned into ImageLoadError below. Between MAX_IMAGE_PIXELS and twice
     # that it only emits Image.DecompressionBombWarning and decodes the image (up to ~540 MB as RGB).
