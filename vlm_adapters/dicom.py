@@ -13,7 +13,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from .images import ImageLoadError, _stretch_to_uint8
+from .pixels import ImageLoadError, stretch_to_uint8
 
 _INSTALL = 'pip install "vlm-adapters[dicom]"'
 
@@ -135,7 +135,7 @@ def _grey_to_uint8(stored: np.ndarray, ds: Any) -> np.ndarray:
         # rescale; windowing -inf and +inf reads that range back instead of re-deriving it here.
         low, high = apply_windowing(np.array([-np.inf, np.inf]), ds)
         value_range = (float(low), float(high))
-    grey = _stretch_to_uint8(values, value_range)
+    grey = stretch_to_uint8(values, value_range)
     return 255 - grey if ds.PhotometricInterpretation == "MONOCHROME1" else grey
 
 
@@ -154,4 +154,4 @@ def _colour_to_uint8(pixels: np.ndarray, ds: Any, name: str) -> np.ndarray:
         )
     if bits == 8:
         return pixels.astype(np.uint8)
-    return _stretch_to_uint8(pixels, (0.0, 2.0**bits - 1))  # colour keeps its absolute scale, not its range
+    return stretch_to_uint8(pixels, (0.0, 2.0**bits - 1))  # colour keeps its absolute scale, not its range

@@ -15,11 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .pixels import ImageLoadError, check_finite, stretch_to_uint8
+
 ImageInput = Any  # PIL.Image | str | os.PathLike | np.ndarray | torch.Tensor | dict from datasets
-
-
-class ImageLoadError(ValueError):
-    """An image could not be read; the message names the source and the fix."""
 
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -51,24 +49,6 @@ def is_dicom(head: bytes, name: str) -> bool:
     return head[128:132] == b"DICM" or os.path.splitext(name)[1].lower() in DICOM_SUFFIXES
 
 
-def _check_finite(array: np.ndarray) -> None:
-    # One NaN among valid values must not pass: nanmin/nanmax skip it and the cast to uint8 turns
-    # it into an arbitrary grey level without an error.
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise ImageLoadError("image array holds NaN or inf values; clean it before passing it in.")
-
-
-def _stretch_to_uint8(array: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
-    """Map a high-bit-depth or float array onto 0..255, from `value_range` (clipped) or else its own
-    range (X-ray exports use only part of the 16-bit range, so a fixed /257 would leave them nearly black)."""
-    _check_finite(array)
-    array = array.astype(np.float64)
-    low, high = value_range or (float(array.min()), float(array.max()))
-    if high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    return np.round(np.clip((array - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def _flatten_alpha(image: Image.Image) -> Image.Image:
     """Composite transparent pixels onto white, as a viewer shows them."""
     rgba = image.convert("RGBA")
@@ -84,7 +64,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if mode == "RGB":
             return image
         if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            return Image.fromarray(_stretch_to_uint8(np.asarray(image))).convert("RGB")
+            return Image.fromarray(stretch_to_uint8(np.asarray(image))).convert("RGB")
         if mode == "La":  # premultiplied grey+alpha: PIL only converts it to LA
             image = image.convert("LA")
         if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in image.info):
@@ -114,14 +94,14 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         raise ImageLoadError(
             f"cannot read an image array of dtype {array.dtype}; pass bool, integer or float pixel values."
         )
-    _check_finite(array)
+    check_finite(array)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif array.dtype != np.uint8:
         if np.issubdtype(array.dtype, np.floating) and np.nanmin(array) >= 0.0 and np.nanmax(array) <= 1.0:
             array = np.round(array * 255.0).astype(np.uint8)  # the usual [0, 1] float convention
         else:
-            array = _stretch_to_uint8(array)
+            array = stretch_to_uint8(array)
     return Image.fromarray(array)
 
 
@@ -131,7 +111,7 @@ def _decode(fileobj: Any, name: str) -> Image.Image:
     if not head:
         raise ImageLoadError(f"{name}: the file is empty (0 bytes); re-export or remove it.")
     if is_dicom(head, name):
-        from .dicom import decode_dicom  # imported here: dicom.py builds on this module
+        from .dicom import decode_dicom  # pydicom loads only when a DICOM file arrives
 
         return decode_dicom(fileobj, name)
     # Decompression bombs: PIL refuses images over 2 * Image.MAX_IMAGE_PIXELS (default 89.5M pixels)
