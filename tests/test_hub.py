@@ -209,6 +209,7 @@ def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_d
         # the names a Hub user's config holds (the model card lists them as its bases and dataset)
         model.config.llm, model.config.vision = "HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"
         model.config.dataset = "me/colour-squares"
+        model.config.temperature = 1.7  # as model.calibrate sets it
         url = model.push_to_hub("me/colours", token="hf_SecretToken0123456789", private=True)
     finally:
         huggingface_hub.set_client_factory(default_client_factory)
@@ -222,6 +223,7 @@ def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_d
     uploaded = {line["value"]["path"]: line["value"] for line in lines if line["key"] == "file"}
     assert set(uploaded) == {CONFIG_NAME, "projector.safetensors", "adapter_config.json",
                              "adapter_model.safetensors", "README.md"}
+    assert json.loads(base64.b64decode(uploaded[CONFIG_NAME]["content"]))["temperature"] == 1.7
     card = ModelCard(base64.b64decode(uploaded["README.md"]["content"]).decode())
     assert card.data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"]
     assert card.data.datasets == ["me/colour-squares"] and card.data.pipeline_tag == "image-text-to-text"

@@ -189,6 +189,34 @@ def test_packed_training_forward_equals_the_padded_batch(llm_dir, vit_dir, image
     torch.testing.assert_close(grad_packed, grad_plain, rtol=1e-3, atol=1e-5)
 
 
+def test_packed_weighted_loss_equals_the_padded_weighted_loss(llm_dir, vit_dir, images):
+    """Class weights (`row_weights`) scale each row's token losses in the packed forward exactly as
+    weighting the padded batch's per-token cross-entropy by its row's weight does."""
+    model = attach(vit_dir, llm_dir, system_prompt="Be brief.")
+    model.train()
+    rows = [("What is shown in this image?", "red"), ("Describe this image.", "a green shape on white"),
+            ("What is shown in this image?", "blue")]
+    batch = pad_right([model.prompts.encode(p, a) for p, a in rows], model.pad_token_id)
+    weights = torch.tensor([4.5, 0.5, 1.0])
+    features = model.vision.encode_images(images[:3])
+    packed = model(**batch, image_features=features, row_weights=weights)
+    grad_packed = torch.autograd.grad(packed.loss, model.projector.proj[0].weight)[0]
+    embeds = model.embed(batch["input_ids"], model.image_embeddings(image_features=features))
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    targets = batch["labels"][:, 1:]
+    supervised = targets != IGNORE_INDEX
+    token_loss = torch.nn.functional.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised],
+                                                   reduction="none")
+    plain = (token_loss * weights[:, None].expand_as(targets)[supervised]).mean()
+    grad_plain = torch.autograd.grad(plain, model.projector.proj[0].weight)[0]
+    assert packed.loss.item() == pytest.approx(plain.item(), abs=1e-4)
+    torch.testing.assert_close(grad_packed, grad_plain, rtol=1e-3, atol=1e-5)
+    unweighted = model(**batch, image_features=features).loss
+    assert abs(unweighted.item() - packed.loss.item()) > 0.1  # the weights do change the loss
+
+
 def test_packed_rows_end_at_their_last_supervised_token(llm_dir, vit_dir):
     """The final end-of-turn of each row is a target but never an input: nothing reads its output."""
     model = attach(vit_dir, llm_dir, system_prompt="Be brief.")

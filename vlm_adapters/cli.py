@@ -43,12 +43,18 @@ class TrainOptions:
 
 @dataclass
 class EvaluateOptions:
-    """Evaluate a saved adapter on a dataset; writes metrics.json and a confusion matrix."""
+    """Evaluate a saved adapter on a dataset; writes metrics.json and confusion, ROC, reliability and coverage PNGs."""
 
     adapter: str = field(metadata={"help": "adapter folder or Hub repo id"})
     data: str = field(metadata={"help": "imagefolder dir, CSV/JSONL file, save_to_disk dir or Hub dataset id"})
     split: str = "test"
     output_dir: str = "runs/evaluate"
+    at_specificity: float | None = field(
+        default=None, metadata={"help": "report the sensitivity reached at this specificity, e.g. 0.95"}
+    )
+    positive_label: str | None = field(
+        default=None, metadata={"help": "the label whose sensitivity --at_specificity reports (default: 2nd of 2)"}
+    )
 
 
 @dataclass
@@ -110,7 +116,10 @@ def cmd_evaluate(opts: EvaluateOptions) -> None:
     from .attach import load
     from .data import load_data
 
-    metrics = load(opts.adapter).evaluate(load_data(opts.data, split=opts.split), output_dir=opts.output_dir)
+    metrics = load(opts.adapter).evaluate(
+        load_data(opts.data, split=opts.split), output_dir=opts.output_dir, at_specificity=opts.at_specificity,
+        positive_label=opts.positive_label,
+    )
     os.makedirs(opts.output_dir, exist_ok=True)
     with open(os.path.join(opts.output_dir, "metrics.json"), "w", encoding="utf-8") as fh:
         json.dump(metrics, fh, indent=2)

@@ -6,7 +6,7 @@ text, with an optional `prompt`). The model packs the padded batch itself (`pack
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +35,8 @@ class VLMCollator:
     For label data it can also teach describing: an example whose `describe` field is true is
     asked `describe_prompt` and answered with `describe_template.format(label=...)`. (`fit` marks a
     fixed, seeded share of rows, so a resumed run sees exactly the batches an uninterrupted one does.)
+    With `class_weights` ({label: weight}, see `fit`'s `class_weight`) each batch also carries
+    `row_weights`, the weight of each row's class (1 for free-text rows), which scales its loss.
     """
 
     def __init__(
@@ -42,10 +44,12 @@ class VLMCollator:
         model: VisionLanguageCore,
         label_names: Sequence[str] | None = None,
         describe_template: str = "This image shows {label}.",
+        class_weights: Mapping[str, float] | None = None,
     ) -> None:
         self.model = model
         self.label_names = list(label_names) if label_names else None
         self.describe_template = describe_template
+        self.class_weights = dict(class_weights) if class_weights else None
 
     def text(self, example: dict[str, Any]) -> tuple[str, str]:
         config = self.model.config
@@ -59,12 +63,25 @@ class VLMCollator:
     def encode(self, example: dict[str, Any]) -> EncodedPrompt:
         return self.model.prompts.encode(*self.text(example))
 
+    def row_weight(self, example: dict[str, Any]) -> float:
+        if ("answer" in example and example["answer"] is not None) or self.class_weights is None:
+            return 1.0
+        name = label_text(example["label"], self.label_names)
+        if name not in self.class_weights:
+            raise ValueError(
+                f"label {name!r} has no class weight; the weights cover {sorted(self.class_weights)}. "
+                "Compute them over every class of the data (fit does)."
+            )
+        return self.class_weights[name]
+
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = pad_right([self.encode(ex) for ex in examples], self.model.pad_token_id)
         if FEATURES_COLUMN in examples[0]:
             batch[FEATURES_COLUMN] = torch.stack([torch.as_tensor(ex[FEATURES_COLUMN]) for ex in examples]).float()
         else:
             batch["pixel_values"] = self.model.vision.preprocess([ex["image"] for ex in examples])
+        if self.class_weights is not None:
+            batch["row_weights"] = torch.tensor([self.row_weight(ex) for ex in examples])
         return batch
 
 

@@ -8,7 +8,9 @@ validation of a config read back from disk, as PEFT's config dataclasses do.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -129,7 +131,15 @@ class AdapterConfig(AttachOptions):
     vision_signature: dict[str, Any] = field(default_factory=dict)
     llm_signature: dict[str, Any] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
+    temperature: float = _option(
+        1.0, "divides the label scores before the softmax of classify / evaluate; set by model.calibrate"
+    )
     format_version: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise self._bad("temperature", "a positive finite number")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,3 +196,33 @@ class FitOptions:
     feature_batch_size: int = _option(32, "batch size of the encoder when filling the feature cache")
     skip_bad_images: bool = _option(False, "drop unreadable images (counted and reported) instead of stopping")
     early_stopping_patience: int | None = _option(None, "stop after this many evaluations without improvement")
+    # `str` comes second so that HfArgumentParser reads the flag as text; __post_init__ parses it (as
+    # TrainingArguments does for its dict-or-str fields).
+    class_weight: dict[str, float] | str | None = _option(
+        None, "weight each row's answer loss by its class: 'balanced' (n_samples / (n_classes * count), "
+        "scikit-learn's convention) or a JSON object {label: weight} (unnamed labels weigh 1)"
+    )
+    calibrate: bool = _option(False, "fit a temperature on the eval split after training (see model.calibrate)")
+
+    def __post_init__(self) -> None:
+        self.class_weight = parse_class_weight(self.class_weight)
+
+
+def parse_class_weight(value: Any) -> dict[str, float] | str | None:
+    """None, 'balanced', or {label: positive weight}; a JSON string of that object is parsed (the CLI)."""
+    if value is None or value == "balanced":
+        return value
+    parsed = value
+    if isinstance(value, str):
+        with contextlib.suppress(json.JSONDecodeError):
+            parsed = json.loads(value)
+    if not isinstance(parsed, dict) or not all(isinstance(k, str) and _positive(w) for k, w in parsed.items()):
+        raise ValueError(
+            f"class_weight={value!r} is not valid; expected None, 'balanced' or {{label: positive weight}} "
+            """(on the command line a JSON object: --class_weight '{"pneumonia": 4.0}')."""
+        )
+    return {k: float(w) for k, w in parsed.items()}
+
+
+def _positive(weight: Any) -> bool:
+    return isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0

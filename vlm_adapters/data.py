@@ -72,6 +72,49 @@ def label_text(label: Any, names: Sequence[str] | None) -> str:
     return names[label] if isinstance(label, (int, np.integer)) and names else str(label)
 
 
+def row_labels(data: datasets.Dataset) -> list[str]:
+    """Each row's label as its class name."""
+    names = label_names(data)
+    return [label_text(label, names) for label in data.with_format(None)["label"]]
+
+
+def label_indices(data: datasets.Dataset, names: Sequence[str], what: str = "dataset") -> list[int]:
+    """Each row's label as an index into `names` (the adapter's labels). A label the adapter does not
+    know is an error: scoring it against other candidates would change the task without a word."""
+    index = {name: i for i, name in enumerate(names)}
+    labels = row_labels(data)
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(
+            f"{what} has labels {unknown} that the adapter does not know; its labels are {list(names)}. "
+            "Drop or rename those rows (data.filter(...)), or train on them first."
+        )
+    return [index[label] for label in labels]
+
+
+def align_labels(data: datasets.Dataset, names: Sequence[str], what: str = "dataset") -> datasets.Dataset:
+    """`data` with its ClassLabel indices renumbered to `names` (string labels are matched by name)."""
+    label_indices(data, names, what)  # unknown labels are an error
+    feature = data.features["label"]
+    if not isinstance(feature, datasets.ClassLabel) or list(feature.names) == list(names):
+        return data
+    return data.align_labels_with_mapping({name: i for i, name in enumerate(names)}, "label")
+
+
+def class_weights(data: datasets.Dataset, names: Sequence[str], spec: str | dict[str, float]) -> dict[str, float]:
+    """Per-class loss weights in scikit-learn's convention: 'balanced' gives n_samples / (n_classes *
+    count); a dict gives its labels' weights and 1 to the others."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - set(names))
+        if unknown:
+            raise ValueError(f"class_weight names {unknown}, which are not labels of the data; its labels are "
+                             f"{list(names)}.")
+    weights = compute_class_weight(spec, classes=np.array(list(names)), y=np.array(row_labels(data)))
+    return {name: float(w) for name, w in zip(names, weights)}
+
+
 def load_data(source: str, split: str = "train") -> datasets.Dataset:
     """A dataset from where users keep one: an `imagefolder` directory (class sub-folders), a CSV /
     JSON Lines file with an image-path column, a folder written by `save_to_disk`, or a Hub dataset id."""

@@ -18,11 +18,12 @@ from transformers import EarlyStoppingCallback, TrainingArguments
 
 from .collator import VLMCollator
 from .config import FitOptions
-from .data import as_dataset, label_names
+from .data import align_labels, as_dataset, class_weights, label_names
 from .evaluation import evaluate
 from .features import FEATURES_COLUMN, features_as_tensors, with_image_features
-from .metrics import plot_training_curves
+from .metrics import LOWER_IS_BETTER, SCALAR_METRICS
 from .modeling import VisionLanguageCore
+from .plots import plot_training_curves
 from .trainer import VLMTrainer
 
 # Defaults that train well here without tuning; every one can be overridden by name in fit(**options).
@@ -97,15 +98,25 @@ def _with_describe_rows(train: datasets.Dataset, ratio: float, seed: int) -> dat
 
 
 def _eval_args(args: dict[str, Any], options: FitOptions, has_labels: bool) -> list[Any]:
-    """Evaluate as often as checkpoints are saved; early stopping on eval accuracy (loss for text)."""
+    """Evaluate as often as checkpoints are saved. The user's `metric_for_best_model` is kept (any
+    scalar metric of `evaluate`, or loss); early stopping uses it, else accuracy (loss for text)."""
     args.setdefault("eval_strategy", args["save_strategy"])
     if args.get("save_strategy") == "steps":
         args.setdefault("eval_steps", args.get("save_steps"))
-    if not options.early_stopping_patience:
-        return []
-    metric = "eval_accuracy" if has_labels else "eval_loss"
-    args.update(load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=has_labels)
-    return [EarlyStoppingCallback(options.early_stopping_patience)]
+    if options.early_stopping_patience:
+        args.setdefault("metric_for_best_model", "accuracy" if has_labels else "loss")
+        args["load_best_model_at_end"] = True
+    metric = args.get("metric_for_best_model")
+    if metric:
+        name = metric.removeprefix("eval_")
+        known = ("loss", *SCALAR_METRICS) if has_labels else ("loss",)
+        if name not in known:
+            raise ValueError(
+                f"metric_for_best_model={metric!r} is not computed during training; choose one of {list(known)}."
+            )
+        if name in LOWER_IS_BETTER or name == "loss":
+            args.setdefault("greater_is_better", False)
+    return [EarlyStoppingCallback(options.early_stopping_patience)] if options.early_stopping_patience else []
 
 
 def _train_stages(
@@ -141,20 +152,22 @@ def fit(
 ) -> dict[str, Any]:
     """Train the projector and adapter; returns the Trainer's training metrics plus final eval metrics.
 
-    `options` are `FitOptions` fields (`projector_lr`, `align_epochs`, `describe_ratio`, ...) and
-    `TrainingArguments` names (`output_dir`, `num_train_epochs`, `learning_rate`, `save_steps`, ...).
+    `options` are `FitOptions` fields (`projector_lr`, `align_epochs`, `class_weight`, `calibrate`, ...)
+    and `TrainingArguments` names (`output_dir`, `num_train_epochs`, `learning_rate`, `save_steps`,
+    `metric_for_best_model`, ...). `class_weight="balanced"` (or {label: weight}) weights each row's
+    loss by its class; `metric_for_best_model` may name any scalar metric of `evaluate` ("roc_auc",
+    "balanced_accuracy", ...); `calibrate=True` fits the probability temperature on the eval split
+    before the final evaluation.
     """
     fit_options, training_args = split_options(options)
     train_ds = as_dataset(train, "train dataset")
     eval_ds = as_dataset(eval, "eval dataset") if eval is not None else None
-    names = label_names(train_ds)
-    if names:
-        _check_classes(train_ds, names)
-        model.config.labels = names
+    names, eval_ds, weights = _labels(model, train_ds, eval_ds, fit_options)
     args = {**DEFAULT_ARGS, **training_args}
     args.update(remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"])
     # On a CPU model, accelerate sets up multi-process (torchrun) training only when told use_cpu.
     args.setdefault("use_cpu", model.device.type == "cpu")
+    callbacks = list(callbacks or []) + (_eval_args(args, fit_options, bool(names)) if eval_ds is not None else [])
     # TrainingArguments first: it sets up multi-process state that PartialState would otherwise preempt.
     main_args = TrainingArguments(**args)
     if fit_options.cache_features:
@@ -164,19 +177,46 @@ def fit(
         _set_feature_statistics(model, train_ds)
     ratio = (0.25 if names else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
     train_ds = features_as_tensors(_with_describe_rows(train_ds, ratio, args["seed"]))
-    callbacks = list(callbacks or []) + (_eval_args(args, fit_options, bool(names)) if eval_ds is not None else [])
     if model.config.adapter == "prefix" and args.get("gradient_checkpointing"):
         raise ValueError(
             "PEFT prefix tuning does not support gradient checkpointing; set gradient_checkpointing=False."
         )
     model.to(model.device)
-    collator = VLMCollator(model, names, fit_options.describe_template)
+    collator = VLMCollator(model, names, fit_options.describe_template, class_weights=weights)
     result, trainer = _train_stages(
         model, args, fit_options, resume_from_checkpoint,
         train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         callbacks=callbacks, projector_lr=fit_options.projector_lr, eval_labels=names,
     )
+    if weights:
+        result["class_weights"] = weights
+    if fit_options.calibrate:
+        from .calibration import calibrate
+
+        result["calibration"] = calibrate(model, eval_ds, batch_size=args["per_device_eval_batch_size"],
+                                          progress=not args.get("disable_tqdm"))
     return _finish(model, result, trainer, args["output_dir"], train_ds, eval_ds)
+
+
+def _labels(
+    model: VisionLanguageCore, train: datasets.Dataset, eval_ds: datasets.Dataset | None, options: FitOptions
+) -> tuple[list[str] | None, datasets.Dataset | None, dict[str, float] | None]:
+    """The training data's labels (which become the adapter's), the eval data renumbered to them, and
+    the class weights; checked before any image is encoded."""
+    names = label_names(train)
+    if not names:
+        for option in ("class_weight", "calibrate"):
+            if getattr(options, option):
+                raise ValueError(f"{option} needs label data; this training set has free-text answers.")
+        return None, eval_ds, None
+    _check_classes(train, names)
+    if options.calibrate and eval_ds is None:
+        raise ValueError("calibrate=True fits the temperature on the eval split; pass eval data to fit.")
+    if eval_ds is not None and "label" in eval_ds.column_names:
+        eval_ds = align_labels(eval_ds, names, "the eval dataset")
+    model.config.labels = names
+    weights = class_weights(train, names, options.class_weight) if options.class_weight else None
+    return names, eval_ds, weights
 
 
 def _finish(
@@ -195,6 +235,8 @@ def _finish(
     os.makedirs(output_dir, exist_ok=True)
     plot_training_curves(trainer.state.log_history, os.path.join(output_dir, "training_curves.png"))
     result["log_history"] = trainer.state.log_history
+    if trainer.state.best_model_checkpoint:
+        result["best_model_checkpoint"] = trainer.state.best_model_checkpoint
     if eval_ds is not None:
         scores = evaluate(model, eval_ds, output_dir=output_dir)
         result.update({f"eval_{k}": v for k, v in scores.items()})

@@ -117,6 +117,11 @@ class InferenceMixin:
         logprobs, _, _ = self._prompt(features, prompt, tree)
         return tree.scores(logprobs)
 
+    def label_probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Label probabilities from `score_labels`' log-likelihoods: softmax(scores / temperature), the
+        temperature that `calibrate` fit (1 until then)."""
+        return (scores / self.config.temperature).softmax(-1)
+
     @inference
     def predict_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
         """Index [B] of the most likely label, equal to `score_labels(...).argmax(-1)` with far fewer
@@ -206,14 +211,28 @@ class InferenceMixin:
         labels: Sequence[str],
         prompt: str | None = None,
         batch_size: int = 16,
-    ) -> str | list[str]:
+        abstain_below: float | None = None,
+    ) -> str | None | list[str | None]:
         """The most likely label of each image: `classify`'s top label for less work (it feeds only the
-        labels that can still win, see `predict_labels`). One image -> one string."""
+        labels that can still win, see `predict_labels`). One image -> one string.
+
+        `abstain_below=p` answers None for an image whose top (calibrated) probability is below `p`:
+        "not sure, look at it yourself". That needs every label's probability, so it scores all labels
+        as `classify` does; `evaluate` reports coverage and accuracy per threshold to choose `p` by."""
         labels = _check_labels(labels)
         prompt = prompt or self.config.classify_prompt
-        return self._per_batch(
-            images, batch_size, lambda features: [labels[i] for i in self.predict_labels(features, labels, prompt)]
-        )
+        if abstain_below is None:
+            return self._per_batch(
+                images, batch_size, lambda features: [labels[i] for i in self.predict_labels(features, labels, prompt)]
+            )
+        if not 0.0 <= abstain_below <= 1.0:
+            raise ValueError(f"abstain_below={abstain_below!r}; expected a probability in [0, 1].")
+
+        def top_or_none(features: torch.Tensor) -> list[str | None]:
+            top = self.label_probabilities(self.score_labels(features, labels, prompt)).max(-1)
+            return [labels[i] if p >= abstain_below else None for p, i in zip(*map(torch.Tensor.tolist, top))]
+
+        return self._per_batch(images, batch_size, top_or_none)
 
     def classify(
         self,
@@ -222,12 +241,13 @@ class InferenceMixin:
         prompt: str | None = None,
         batch_size: int = 16,
     ) -> dict[str, float] | list[dict[str, float]]:
-        """Probability of each candidate label (sums to 1), most likely first. One image -> one dict."""
+        """Probability of each candidate label (sums to 1, calibrated once `calibrate` has set a
+        temperature), most likely first. One image -> one dict."""
         labels = _check_labels(labels)
         prompt = prompt or self.config.classify_prompt
 
         def ranked(features: torch.Tensor) -> list[dict[str, float]]:
-            probs = self.score_labels(features, labels, prompt).softmax(-1).tolist()
+            probs = self.label_probabilities(self.score_labels(features, labels, prompt)).tolist()
             return [dict(sorted(zip(labels, row), key=lambda item: -item[1])) for row in probs]
 
         return self._per_batch(images, batch_size, ranked)

@@ -15,7 +15,7 @@ from .modeling import VisionLanguageCore
 
 class VisionLanguageModel(VisionLanguageCore):
     """Frozen encoder -> trainable projector -> LLM with a PEFT adapter: classify, predict, describe
-    (from `InferenceMixin`), fit, evaluate, save_pretrained, push_to_hub, merge_and_export."""
+    (from `InferenceMixin`), fit, evaluate, calibrate, save_pretrained, push_to_hub, merge_and_export."""
 
     def fit(self, train: Any, eval: Any = None, **options: Any) -> dict[str, Any]:  # noqa: A002 - contract name
         """Train projector + adapter with transformers' Trainer; options are `FitOptions` fields and
@@ -25,10 +25,19 @@ class VisionLanguageModel(VisionLanguageCore):
         return fit(self, train, eval, **options)
 
     def evaluate(self, dataset: Any, **options: Any) -> dict[str, Any]:
-        """Accuracy, macro-F1 and a per-class report for label data; exact match / BLEU / ROUGE-L for text."""
+        """Accuracy, balanced accuracy, F1, per-class sensitivity / specificity, ROC-AUC, PR-AUC, ECE and
+        coverage vs accuracy for label data (`at_specificity=`, `metrics=[evaluate modules]`, `output_dir=`
+        for the plots); exact match / BLEU / ROUGE-L for text (see `evaluation.evaluate`)."""
         from .evaluation import evaluate
 
         return evaluate(self, dataset, **options)
+
+    def calibrate(self, dataset: Any, **options: Any) -> dict[str, float]:
+        """Fit the probability temperature on held-out label data; returns ECE before / after (see
+        `calibration.calibrate`). The temperature is saved, pushed and loaded with the adapter."""
+        from .calibration import calibrate
+
+        return calibrate(self, dataset, **options)
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:
         """Write the adapter folder (config, projector, PEFT weights, model card) atomically."""

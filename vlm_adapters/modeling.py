@@ -127,9 +127,12 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        row_weights: torch.Tensor | None = None,
         **_: Any,
     ) -> CausalLMOutputWithPast:
         """With labels: mean loss over the answer tokens, logits only at those positions ([num_answer_tokens, V]).
+        `row_weights` [B] (class weights, from `VLMCollator`) scale each row's token losses inside that
+        mean, scikit-learn's sample-weight convention: 'balanced' weights average 1 over the training set.
 
         The batch runs packed into one row (`packing.py`): no padding, and the tokens before the image
         (system turn + prompt) once for all rows that share them, each row attending to its own."""
@@ -141,13 +144,13 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
             out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
             return CausalLMOutputWithPast(logits=out.logits)
-        batch = PackedBatch.build(input_ids, attention_mask, labels.to(self.device))
+        batch = PackedBatch.build(input_ids, attention_mask, labels.to(self.device), row_weights)
         embeds = self.embed(batch.input_ids[None], image_embeds)
         cache = self.prefix_cache() if self.num_prefix_tokens else None
         keep = batch.supervised.nonzero()[:, 0]
         logprobs = self.feed(embeds, cache, batch.positions[None], batch.visible, keep)[0]
         targets = batch.targets[keep]
-        loss = -logprobs.gather(-1, targets[:, None]).mean()
+        loss = -(logprobs.gather(-1, targets[:, None])[:, 0] * batch.weights[keep]).mean()
         return CausalLMOutputWithPast(loss=loss, logits=logprobs)
 
     def prefix_cache(self) -> DynamicCache:

@@ -24,13 +24,21 @@ class PackedBatch:
     positions: torch.Tensor  # [T] position of each token inside its own row
     targets: torch.Tensor  # [T] the token each position predicts (IGNORE_INDEX where unsupervised)
     visible: torch.Tensor  # [T, T] bool: token i may attend token j
+    weights: torch.Tensor  # [T] the loss weight of the row each token belongs to (1 for the shared heads)
 
     @property
     def supervised(self) -> torch.Tensor:
         return self.targets != IGNORE_INDEX
 
     @classmethod
-    def build(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> PackedBatch:
+    def build(
+        cls,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        row_weights: torch.Tensor | None = None,
+    ) -> PackedBatch:
+        """`row_weights` [B]: each row's loss weight (class weights), carried to its tokens."""
         heads: dict[tuple[int, ...], int] = {}  # head tokens -> group
         rows = []
         for ids, mask, lab in zip(input_ids, attention_mask.bool(), labels, strict=True):
@@ -47,19 +55,22 @@ class PackedBatch:
             end = int(supervised[-1]) + 1 if len(supervised) else len(ids)
             rows.append((group, cut, ids[cut:end], target[cut:end]))
         device = input_ids.device
-        ids_parts, pos_parts, target_parts, segment, group_of = [], [], [], [], []
+        ids_parts, pos_parts, target_parts, segment, group_of, weight_of = [], [], [], [], [], []
+        row_weights = torch.ones(len(rows)) if row_weights is None else row_weights.float().cpu()
         for head, group in heads.items():  # segments 0..G-1: the heads
             ids_parts.append(torch.tensor(head, dtype=torch.long, device=device))
             pos_parts.append(torch.arange(len(head), device=device))
             target_parts.append(torch.full((len(head),), IGNORE_INDEX, device=device))
             segment += [group] * len(head)
             group_of += [group] * len(head)
+            weight_of += [1.0] * len(head)
         for r, (group, cut, ids, target) in enumerate(rows):  # segments G..G+B-1: the rows
             ids_parts.append(ids)
             pos_parts.append(torch.arange(cut, cut + len(ids), device=device))
             target_parts.append(target)
             segment += [len(heads) + r] * len(ids)
             group_of += [group] * len(ids)
+            weight_of += [float(row_weights[r])] * len(ids)
         seg = torch.tensor(segment, device=device)
         grp = torch.tensor(group_of, device=device)
         index = torch.arange(len(seg), device=device)
@@ -71,4 +82,5 @@ class PackedBatch:
             positions=torch.cat(pos_parts),
             targets=torch.cat(target_parts),
             visible=own | head_of_row,
+            weights=torch.tensor(weight_of, device=device),
         )

@@ -3,7 +3,8 @@
 - checkpoints hold only the trained parts (projector + PEFT adapter, safetensors), never the
   frozen 4-bit LLM, are written atomically, and resume / best-model loading read them back;
 - a separate projector learning rate and LLaVA's optional projector-only alignment stage;
-- classification accuracy / macro-F1 as eval metrics (for early stopping), from label scoring;
+- classification metrics (accuracy, ROC-AUC, ...) as eval metrics, from label scoring, for
+  `metric_for_best_model` and early stopping;
 - a clear stop on a NaN/inf loss, naming the step and the last good checkpoint.
 """
 
@@ -23,6 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from .evaluation import evaluate
 from .files import replace_folder
 from .hub import PEFT_WEIGHTS, PROJECTOR_FILE, write_adapter_files
+from .metrics import SCALAR_METRICS
 
 
 class VLMTrainer(Trainer):
@@ -103,7 +105,8 @@ class VLMTrainer(Trainer):
         self._load_trained_weights(os.path.join(self.args.output_dir, name))
 
     def evaluation_loop(self, dataloader: Any, description: str, *args: Any, **kwargs: Any) -> Any:
-        """Eval loss from the Trainer, plus accuracy / macro-F1 from label scoring on label data."""
+        """Eval loss from the Trainer, plus `evaluate`'s scalar metrics (accuracy, balanced accuracy,
+        macro-F1, ROC-AUC, ...) from label scoring on label data, for `metric_for_best_model`."""
         output = super().evaluation_loop(dataloader, description, *args, **kwargs)
         if self.eval_labels:
             prefix = kwargs.get("metric_key_prefix", "eval")
@@ -111,5 +114,5 @@ class VLMTrainer(Trainer):
                 self.model, dataloader.dataset, batch_size=self.args.per_device_eval_batch_size,
                 progress=not self.args.disable_tqdm,
             )
-            output.metrics.update({f"{prefix}_{k}": scores[k] for k in ("accuracy", "macro_f1")})
+            output.metrics.update({f"{prefix}_{k}": scores[k] for k in SCALAR_METRICS if scores[k] is not None})
         return output

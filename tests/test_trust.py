@@ -1,0 +1,201 @@
+"""Imbalance, clinical metrics, calibration and abstention (issue #15) on the tiny models of conftest.
+
+The coloured-squares task after one short epoch is a model that is right two times in three and
+overconfident, which is what calibration and abstention are for; longer runs reach 100%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import colour_dataset, colour_image
+from safetensors.torch import load_file
+
+from vlm_adapters import VLMCollator, attach, load
+from vlm_adapters.cli import main
+from vlm_adapters.config import CONFIG_NAME
+from vlm_adapters.evaluation import label_scores
+
+LABELS = ["red", "green", "blue"]
+QUICK = dict(learning_rate=5e-3, projector_lr=5e-3, disable_tqdm=True, logging_steps=100)
+
+
+def two_colours(counts: dict[str, int], seed: int) -> datasets.Dataset:
+    rng = np.random.default_rng(seed)
+    names = list(counts)
+    rows = [(colour_image(name, rng), i) for i, name in enumerate(names) for _ in range(counts[name])]
+    return datasets.Dataset.from_dict(
+        {"image": [r[0] for r in rows], "label": [r[1] for r in rows]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)}),
+    )
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {"train": colour_dataset(8, seed=0), "valid": colour_dataset(10, seed=1), "test": colour_dataset(20, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def half_trained(tmp_path_factory, llm_dir, vit_dir, splits):
+    """One epoch on 24 images: about two in three right on the test split, and overconfident."""
+    model = attach(vit_dir, llm_dir)
+    model.fit(splits["train"], output_dir=str(tmp_path_factory.mktemp("run")), num_train_epochs=1,
+              save_strategy="no", **QUICK)
+    return model
+
+
+def test_class_weight_balanced_raises_minority_recall(tmp_path, llm_dir, vit_dir):
+    train, test = two_colours({"red": 64, "green": 8}, seed=0), two_colours({"red": 20, "green": 20}, seed=1)
+    recall = {}
+    for weighting in (None, "balanced"):
+        model = attach(vit_dir, llm_dir, seed=0)
+        result = model.fit(train, output_dir=str(tmp_path / str(weighting)), num_train_epochs=1, save_strategy="no",
+                           class_weight=weighting, seed=0, **QUICK)
+        recall[weighting] = model.evaluate(test, progress=False)["per_class"]["green"]["recall"]
+    assert result["class_weights"] == {"red": pytest.approx(72 / (2 * 64)), "green": pytest.approx(72 / (2 * 8))}
+    assert recall["balanced"] >= recall[None] + 0.5, recall
+
+
+def test_collator_carries_class_weights_and_fit_checks_them(llm_dir, vit_dir):
+    model = attach(vit_dir, llm_dir)
+    rows = colour_dataset(1, seed=4)
+    collator = VLMCollator(model, LABELS, class_weights={"red": 1.0, "green": 3.0, "blue": 0.5})
+    batch = collator([rows[i] for i in range(3)])
+    assert batch["row_weights"].tolist() == [1.0, 3.0, 0.5]
+    assert "row_weights" not in VLMCollator(model, LABELS)([rows[0]])
+    with pytest.raises(ValueError, match="purple"):
+        model.fit(rows, class_weight={"purple": 2.0}, output_dir="unused")
+    text = [{"image": rows[0]["image"], "answer": "a red square"}]
+    with pytest.raises(ValueError, match="class_weight needs label data"):
+        model.fit(text, class_weight="balanced", output_dir="unused")
+
+
+def test_evaluate_argmax_equals_predict_labels_over_the_adapter_labels(half_trained, splits):
+    model, test = half_trained, splits["test"]
+    features = model.vision.encode_images(list(test["image"]))
+    top = model.predict_labels(features, LABELS, model.config.classify_prompt)
+    scores = label_scores(model, test, LABELS, progress=False)
+    assert torch.equal(scores.argmax(-1), top)
+    report = model.evaluate(test, progress=False)
+    expected = np.zeros((3, 3), int)
+    np.add.at(expected, (test["label"], top.numpy()), 1)
+    assert report["confusion_matrix"] == expected.tolist()
+    # an eval set holding two of the three classes (string labels) is still scored over all three
+    only_two = [{"image": row["image"], "label": LABELS[row["label"]]} for row in test if row["label"] != 2]
+    partial = model.evaluate(only_two, progress=False)
+    assert partial["labels"] == LABELS and len(partial["confusion_matrix"]) == 3
+    assert partial["per_class"]["blue"]["support"] == 0
+    assert partial["confusion_matrix"][:2] == report["confusion_matrix"][:2]
+
+
+def test_a_label_the_adapter_does_not_know_is_an_error(half_trained, splits):
+    rows = [{"image": splits["test"][0]["image"], "label": "purple"}, {"image": splits["test"][1]["image"],
+                                                                       "label": "red"}]
+    with pytest.raises(ValueError, match=r"\['purple'\].*\['red', 'green', 'blue'\]"):
+        half_trained.evaluate(rows)
+    with pytest.raises(ValueError, match="purple"):
+        half_trained.calibrate(rows)
+
+
+def test_evaluate_report_plots_sensitivity_at_specificity_and_modules(half_trained, splits, tmp_path):
+    script = tmp_path / "hits.py"
+    script.write_text(
+        "import datasets\nimport evaluate\n\n\nclass Hits(evaluate.Metric):\n    def _info(self):\n"
+        "        return evaluate.MetricInfo(description='', citation='', inputs_description='', features="
+        "datasets.Features({'predictions': datasets.Value('int64'), 'references': datasets.Value('int64')}))\n\n"
+        "    def _compute(self, predictions, references):\n"
+        "        return {'hits': sum(p == r for p, r in zip(predictions, references))}\n"
+    )
+    report = half_trained.evaluate(splits["test"], output_dir=str(tmp_path / "eval"), at_specificity=0.9,
+                                   positive_label="green", metrics=[str(script)], progress=False)
+    assert report["hits"] == round(report["accuracy"] * 60)
+    point = report["sensitivity_at_specificity"]
+    assert point["positive_label"] == "green" and point["specificity"] >= 0.9
+    probs = half_trained.classify(list(splits["test"]["image"]), LABELS)
+    called = np.array([p["green"] >= point["threshold"] for p in probs])
+    is_green = np.array(splits["test"]["label"]) == 1
+    assert called[is_green].mean() == pytest.approx(point["sensitivity"])
+    assert 1 - called[~is_green].mean() == pytest.approx(point["specificity"])
+    for key in ("confusion_matrix_png", "roc_curve_png", "reliability_diagram_png", "coverage_accuracy_png"):
+        assert os.path.getsize(report[key]) > 10_000, key
+    assert report["coverage_accuracy"][0] == {"threshold": 0.0, "coverage": 1.0, "accuracy": report["accuracy"]}
+    json.dumps(report)
+    with pytest.raises(ValueError, match="positive_label"):
+        half_trained.evaluate(splits["test"], at_specificity=0.9)  # three labels: which one is positive?
+
+
+def test_calibrate_lowers_held_out_ece_and_survives_save_and_load(half_trained, splits, tmp_path):
+    model = half_trained
+    model.config.temperature = 1.0
+    before = model.evaluate(splits["test"], progress=False)
+    result = model.calibrate(splits["valid"], progress=False)
+    after = model.evaluate(splits["test"], progress=False)
+    assert model.config.temperature == result["temperature"] != 1.0
+    assert result["ece_after"] <= result["ece_before"] and result["nll_after"] <= result["nll_before"]
+    assert after["ece"] < before["ece"] - 0.05, (before["ece"], after["ece"])  # on images it was not fit on
+    assert after["confusion_matrix"] == before["confusion_matrix"]  # the order of the labels never changes
+    images = list(splits["test"]["image"])[:6]
+    probs = model.classify(images, LABELS)
+    folder = model.save_pretrained(str(tmp_path / "adapter"))
+    assert json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())["temperature"] == result["temperature"]
+    assert load(folder).classify(images, LABELS) == probs
+
+
+def test_fit_calibrate_on_the_eval_split(tmp_path, llm_dir, vit_dir, splits):
+    model = attach(vit_dir, llm_dir)
+    with pytest.raises(ValueError, match="eval"):
+        model.fit(splits["train"], calibrate=True, output_dir=str(tmp_path / "no-eval"))
+    result = model.fit(splits["train"], splits["valid"], output_dir=str(tmp_path / "run"), num_train_epochs=1,
+                       save_strategy="no", calibrate=True, **QUICK)
+    assert result["calibration"]["temperature"] == model.config.temperature != 1.0
+    assert result["calibration"]["images"] == len(splits["valid"])
+    assert result["eval_ece"] == pytest.approx(result["calibration"]["ece_after"], abs=1e-6)
+
+
+def test_abstention_raises_accuracy_on_the_kept_images(half_trained, splits):
+    model, images, truth = half_trained, list(splits["test"]["image"]), [LABELS[i] for i in splits["test"]["label"]]
+    answered = model.predict(images, LABELS, abstain_below=0.8)
+    kept = [(a, t) for a, t in zip(answered, truth) if a is not None]
+    overall = np.mean([p == t for p, t in zip(model.predict(images, LABELS), truth)])
+    assert 0 < len(kept) < len(images)
+    assert np.mean([a == t for a, t in kept]) > overall + 0.15
+    top = [max(p, key=p.get) for p in model.classify(images, LABELS)]
+    assert model.predict(images, LABELS, abstain_below=0.0) == top == model.predict(images, LABELS)
+    assert model.predict(images[0], LABELS, abstain_below=1.0) is None  # one image -> one answer
+    with pytest.raises(ValueError, match="abstain_below"):
+        model.predict(images[0], LABELS, abstain_below=80)
+
+
+def test_metric_for_best_model_roc_auc_picks_the_checkpoint(tmp_path, llm_dir, vit_dir, splits):
+    model = attach(vit_dir, llm_dir)
+    run = tmp_path / "run"
+    result = model.fit(splits["train"], colour_dataset(6, seed=1), output_dir=str(run), max_steps=12,
+                       save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                       save_total_limit=None, load_best_model_at_end=True, metric_for_best_model="roc_auc", **QUICK)
+    evals = [row for row in result["log_history"] if "eval_roc_auc" in row]
+    best = max(evals, key=lambda row: row["eval_roc_auc"])  # the first of equal values, as the Trainer keeps
+    assert result["best_model_checkpoint"] == str(run / f"checkpoint-{best['step']}")
+    # the test has power only if accuracy or the last step would have picked another checkpoint
+    assert best["step"] != max(evals, key=lambda row: row["eval_accuracy"])["step"]
+    assert best["step"] != evals[-1]["step"]
+    restored = load_file(run / f"checkpoint-{best['step']}" / "projector.safetensors")
+    assert all(torch.equal(restored[k], v) for k, v in model.projector.state_dict().items())
+    with pytest.raises(ValueError, match="roc_auc"):
+        attach(vit_dir, llm_dir).fit(splits["train"], splits["valid"], metric_for_best_model="auroc",
+                                     output_dir=str(tmp_path / "bad"))
+
+
+def test_cli_evaluate_reports_sensitivity_at_specificity(half_trained, splits, tmp_path):
+    folder = half_trained.save_pretrained(str(tmp_path / "adapter"))
+    splits["test"].save_to_disk(str(tmp_path / "data"))
+    assert main(["evaluate", "--adapter", folder, "--data", str(tmp_path / "data"), "--output_dir",
+                 str(tmp_path / "eval"), "--at_specificity", "0.9", "--positive_label", "green"]) == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["sensitivity_at_specificity"]["positive_label"] == "green"
+    assert {"roc_auc", "ece", "balanced_accuracy", "coverage_accuracy"} <= set(report)
+    assert (tmp_path / "eval" / "roc_curve.png").exists()
