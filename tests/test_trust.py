@@ -199,3 +199,29 @@ def test_cli_evaluate_reports_sensitivity_at_specificity(half_trained, splits, t
     assert report["sensitivity_at_specificity"]["positive_label"] == "green"
     assert {"roc_auc", "ece", "balanced_accuracy", "coverage_accuracy"} <= set(report)
     assert (tmp_path / "eval" / "roc_curve.png").exists()
+
+
+def test_cli_train_with_the_howto_flags(tmp_path, llm_dir, vit_dir):
+    """The X-ray how-to's `train` flags: class weights, a ROC-AUC-chosen checkpoint, calibration."""
+    rng = np.random.default_rng(3)
+    for name, count in (("red", 32), ("green", 8)):
+        os.makedirs(tmp_path / "folder" / name)
+        for i in range(count):
+            colour_image(name, rng).save(tmp_path / "folder" / name / f"{i}.png")
+    options = {"vision": vit_dir, "llm": llm_dir, "train": str(tmp_path / "folder"),
+               "output_dir": str(tmp_path / "run"), "num_train_epochs": 2, "learning_rate": 5e-3,
+               "projector_lr": 5e-3, "class_weight": "balanced", "calibrate": True, "eval_strategy": "epoch",
+               "save_strategy": "epoch", "load_best_model_at_end": True, "metric_for_best_model": "roc_auc",
+               "disable_tqdm": True}
+    (tmp_path / "train.json").write_text(json.dumps(options))
+    assert main(["train", str(tmp_path / "train.json")]) == 0
+    config = json.loads((tmp_path / "run" / "adapter" / CONFIG_NAME).read_text())
+    assert config["labels"] == ["green", "red"] and config["temperature"] != 1.0
+
+
+def test_an_undefined_metric_for_best_model_is_a_clear_error(tmp_path, llm_dir, vit_dir, splits):
+    only_red = splits["valid"].filter(lambda row: row["label"] == 0)
+    with pytest.raises(ValueError, match=r"undefined on the eval data.*\['red'\]"):
+        attach(vit_dir, llm_dir).fit(splits["train"], only_red, output_dir=str(tmp_path / "run"), max_steps=1,
+                                     eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                                     load_best_model_at_end=True, metric_for_best_model="roc_auc", **QUICK)

@@ -115,4 +115,12 @@ class VLMTrainer(Trainer):
                 progress=not self.args.disable_tqdm,
             )
             output.metrics.update({f"{prefix}_{k}": scores[k] for k in SCALAR_METRICS if scores[k] is not None})
+            chosen = (self.args.metric_for_best_model or "").removeprefix(f"{prefix}_")
+            if chosen in SCALAR_METRICS and scores[chosen] is None:
+                present = [name for name, row in scores["per_class"].items() if row["support"]]
+                raise ValueError(
+                    f"metric_for_best_model={chosen!r} is undefined on the eval data, which holds images of "
+                    f"{present} only; it needs images of at least two labels. Use a larger or stratified eval split "
+                    "(data.split_for_eval) or another metric."
+                )
         return output
