@@ -202,6 +202,9 @@ class FitOptions:
         None, "weight each row's answer loss by its class: 'balanced' (n_samples / (n_classes * count), "
         "scikit-learn's convention) or a JSON object {label: weight} (unnamed labels weigh 1)"
     )
+    balanced_sampling: bool = _option(
+        False, "draw training rows with replacement so that every class is drawn equally often on average"
+    )
     calibrate: bool = _option(False, "fit a temperature on the eval split after training (see model.calibrate)")
 
     def __post_init__(self) -> None:

@@ -18,7 +18,7 @@ from transformers import EarlyStoppingCallback, TrainingArguments
 
 from .collator import VLMCollator
 from .config import FitOptions
-from .data import align_labels, as_dataset, class_weights, label_names
+from .data import align_labels, as_dataset, class_weights, label_names, row_labels
 from .evaluation import evaluate
 from .features import FEATURES_COLUMN, features_as_tensors, with_image_features
 from .metrics import LOWER_IS_BETTER, SCALAR_METRICS
@@ -155,8 +155,9 @@ def fit(
     `options` are `FitOptions` fields (`projector_lr`, `align_epochs`, `class_weight`, `calibrate`, ...)
     and `TrainingArguments` names (`output_dir`, `num_train_epochs`, `learning_rate`, `save_steps`,
     `metric_for_best_model`, ...). `class_weight="balanced"` (or {label: weight}) weights each row's
-    loss by its class; `metric_for_best_model` may name any scalar metric of `evaluate` ("roc_auc",
-    "balanced_accuracy", ...); `calibrate=True` fits the probability temperature on the eval split
+    loss by its class; `balanced_sampling=True` draws the rows class-balanced instead;
+    `metric_for_best_model` may name any scalar metric of `evaluate` ("roc_auc", "balanced_accuracy",
+    ...); `calibrate=True` fits the probability temperature on the eval split
     before the final evaluation.
     """
     fit_options, training_args = split_options(options)
@@ -187,6 +188,7 @@ def fit(
         model, args, fit_options, resume_from_checkpoint,
         train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         callbacks=callbacks, projector_lr=fit_options.projector_lr, eval_labels=names,
+        sample_labels=row_labels(train_ds) if fit_options.balanced_sampling else None,
     )
     if weights:
         result["class_weights"] = weights
@@ -205,7 +207,7 @@ def _labels(
     the class weights; checked before any image is encoded."""
     names = label_names(train)
     if not names:
-        for option in ("class_weight", "calibrate"):
+        for option in ("class_weight", "balanced_sampling", "calibrate"):
             if getattr(options, option):
                 raise ValueError(f"{option} needs label data; this training set has free-text answers.")
         return None, eval_ds, None

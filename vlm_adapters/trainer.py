@@ -5,6 +5,7 @@
 - a separate projector learning rate and LLaVA's optional projector-only alignment stage;
 - classification metrics (accuracy, ROC-AUC, ...) as eval metrics, from label scoring, for
   `metric_for_best_model` and early stopping;
+- class-balanced sampling of the training rows, if asked (`BalancedSampler`);
 - a clear stop on a NaN/inf loss, naming the step and the last good checkpoint.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,11 +30,41 @@ from .hub import PEFT_WEIGHTS, PROJECTOR_FILE, write_adapter_files
 from .metrics import SCALAR_METRICS
 
 
+class BalancedSampler(torch.utils.data.WeightedRandomSampler):
+    """Draws rows with replacement, each with chance 1 / (n_classes * count of its class), so every
+    class is drawn equally often on average; an epoch draws as many rows as the data holds. Seeded by
+    the run's seed and the epoch (the Trainer calls `set_epoch`), so a resumed run draws the rows an
+    uninterrupted one did."""
+
+    def __init__(self, labels: Sequence[str], seed: int) -> None:
+        counts = Counter(labels)
+        super().__init__([1.0 / counts[label] for label in labels], len(labels), replacement=True)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed + int(epoch))
+
+
 class VLMTrainer(Trainer):
-    def __init__(self, *args: Any, projector_lr: float, eval_labels: list[str] | None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        projector_lr: float,
+        eval_labels: list[str] | None,
+        sample_labels: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`sample_labels`: each training row's label, to draw the rows class-balanced (`BalancedSampler`)."""
         super().__init__(*args, **kwargs)
         self.projector_lr = projector_lr
         self.eval_labels = eval_labels
+        self.sample_labels = sample_labels
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        if self.sample_labels is None:
+            return super()._get_train_sampler(train_dataset)
+        return BalancedSampler(self.sample_labels, self.args.seed)
 
     def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
         """AdamW with the projector at its own learning rate (LLaVA / nanoVLM train it faster)."""
