@@ -182,7 +182,8 @@ def fit(
     """Train the projector and adapter; returns the Trainer's training metrics plus final eval metrics.
 
     Options not listed here are `TrainingArguments` names (`output_dir`, `num_train_epochs`,
-    `learning_rate`, `per_device_train_batch_size`, `save_steps`, ...). `align_epochs > 0` first
+    `learning_rate`, `per_device_train_batch_size`, `save_steps`, ...); `save_steps` / `eval_steps`
+    without a strategy mean "steps", as in transformers. `align_epochs > 0` first
     trains the projector alone (LLaVA's stage 1). `describe_ratio` (default 0.25 for label data)
     mixes describe-prompt examples into classification training so `describe` names the class.
     """
@@ -193,6 +194,8 @@ def fit(
         _check_classes(train_ds, names)
         model.config.labels = names
     args = {**DEFAULT_ARGS, **training_args}
+    if "save_steps" in training_args and "save_strategy" not in training_args:
+        args["save_strategy"] = "steps"  # what save_steps means in transformers, whose default strategy is steps
     args.update(remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"])
     # On a CPU model, accelerate sets up multi-process (torchrun) training only when told use_cpu.
     args.setdefault("use_cpu", model.device.type == "cpu")
@@ -219,7 +222,7 @@ def fit(
     collator = VLMCollator(model, names, describe_template=describe_template)
     callbacks = list(callbacks or [])
     if eval_ds is not None:
-        args.setdefault("eval_strategy", args["save_strategy"])
+        args.setdefault("eval_strategy", "steps" if "eval_steps" in training_args else args["save_strategy"])
         if args.get("save_strategy") == "steps":
             args.setdefault("eval_steps", args.get("save_steps"))
         if early_stopping_patience:
