@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import torch
+from filelock import FileLock
 from transformers.utils import logging
 
 from .data import default_cache_dir
@@ -76,7 +77,6 @@ def _read(path: str) -> dict[str, Any]:
 
 
 def _write(path: str, data: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".compute_dtype-", dir=os.path.dirname(path))
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2, sort_keys=True)
@@ -86,14 +86,15 @@ def _write(path: str, data: dict[str, Any]) -> None:
 def cpu_compute_dtype() -> str:
     """This machine's cached decision, timed and cached on first use; one log line says which and why."""
     path, key = os.path.join(default_cache_dir(), DECISIONS_FILE), machine_key()
-    decision = _read(path).get(key)
-    how = f"the decision cached for this machine in {path}"
-    if not isinstance(decision, dict) or decision.get("dtype") not in ("float32", "bfloat16"):
-        timed = _time_both()
-        decisions = _read(path)  # another process may have decided meanwhile: the first decision wins
-        decision = decisions.setdefault(key, timed)
-        _write(path, decisions)
-        how = f"timed now, cached in {path}"
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with FileLock(path + ".lock"):  # processes started together (torchrun) wait for one decision
+        decisions = _read(path)
+        decision = decisions.get(key)
+        how = f"the decision cached for this machine in {path}"
+        if not isinstance(decision, dict) or decision.get("dtype") not in ("float32", "bfloat16"):
+            decision = decisions[key] = _time_both()
+            _write(path, decisions)
+            how = f"timed now, cached in {path}"
     logger.info(
         f"compute_dtype='auto' on this CPU ({key}): {decision['dtype']}, {how}. A [256, 1024] x [1024, 1024] "
         f"matmul took {decision.get('fp32_ms')} ms in float32 and {decision.get('bf16_ms')} ms in bfloat16 "
