@@ -37,6 +37,7 @@ class DemoOptions:
     test_per_class: int = 50
     zero_shot_per_class: int = 10
     describe_images: int = 30
+    describe_max_new_tokens: int = 16
     num_train_epochs: float = 1.0
     num_image_tokens: int = 16
     learning_rate: float = 5e-4
@@ -138,7 +139,7 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
 
     with phase(report, "describe"):
         images = [test[i]["image"] for i in range(min(opts.describe_images, len(test)))]
-        texts = model.describe(images, max_new_tokens=16)
+        texts = model.describe(images, max_new_tokens=opts.describe_max_new_tokens)
         truth = [names[test[i]["label"]] for i in range(len(images))]
         hits = [name.lower() in text.lower() for name, text in zip(truth, texts)]
         figures["describe_hit_rate"] = float(np.mean(hits))
