@@ -1,4 +1,19 @@
-"""Metrics and temperature fitting on numbers whose answers are known (no model)."""
+"""Metrics and temperature fitting on numbers whose answers are known (no model).
+
+What each test proves:
+- classification_metrics_from_probabilities: balanced accuracy, per-class specificity, macro ROC-AUC (equal to
+  scikit-learn's multi-class one) by hand.
+- a_class_without_images_keeps_its_row_and_has_no_auc: an absent class has support 0 and ROC-AUC None; JSON-safe.
+- expected_calibration_error_by_hand: 15-bin top-label ECE on two hand-made cases.
+- sensitivity_at_specificity_and_its_threshold: the operating point and its threshold on a hand-made ROC; one-sided
+  data is refused by name.
+- coverage_accuracy_keeps_the_confident_images: coverage and accuracy per abstention threshold.
+- evaluate_modules_run_offline_from_a_local_script: a metric script written here loads offline (as a path and as a
+  module), gets the label probabilities it asks for, and a name the built-ins use is prefixed.
+- fit_temperature_recovers_a_known_temperature: scores made 3x too sharp (or 2x too flat) give T = 3 (0.5).
+- temperature_and_class_weight_options: the config's temperature defaults to 1 (also for adapters saved before it
+  existed) and must be positive; class_weight parses the CLI's JSON and refuses bad values.
+"""
 
 from __future__ import annotations
 

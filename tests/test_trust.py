@@ -1,7 +1,31 @@
 """Imbalance, clinical metrics, calibration and abstention (issue #15) on the tiny models of conftest.
 
-The coloured-squares task after one short epoch is a model that is right two times in three and
-overconfident, which is what calibration and abstention are for; longer runs reach 100%.
+The coloured-squares task after one short epoch is a model that is right about two times in three
+and overconfident, which is what calibration and abstention are for; longer runs reach 100%.
+
+What each test proves:
+- class_weight_balanced_raises_minority_recall: on 1:8 data, class weights and balanced sampling each lift the
+  minority's recall by >= 0.5 over the plain run with the same seed; the weights follow scikit-learn's convention.
+- balanced_sampler_draws_classes_equally_and_the_same_rows_per_epoch: half the draws are the minority; an epoch's
+  draws repeat when the epoch is set again.
+- balanced_sampling_resumes_exactly: a run resumed mid-way ends at the uninterrupted run's weights.
+- collator_carries_class_weights_and_fit_checks_them: each row's class weight reaches the batch; unknown labels and
+  free-text data are refused by name.
+- evaluate_argmax_equals_predict_labels_over_the_adapter_labels: evaluate's prediction (argmax of every label's
+  score) is predict_labels' label; an eval set missing a class is still scored over all the adapter's labels.
+- a_label_the_adapter_does_not_know_is_an_error: evaluate, calibrate and fit name the unknown label and the known ones.
+- evaluate_report_plots_sensitivity_at_specificity_and_modules: the operating point's threshold gives the reported
+  sensitivity and specificity; the four PNGs are written; a local `evaluate` module's result joins the report.
+- calibrate_lowers_held_out_ece_and_survives_save_and_load: ECE on images not used for fitting falls by > 0.05, the
+  predictions do not change, and probabilities are identical after save / load.
+- fit_calibrate_on_the_eval_split: fit(calibrate=True) fits the temperature on the eval split (and needs one).
+- abstention_raises_accuracy_on_the_kept_images: answers kept at abstain_below=0.8 are > 0.15 more accurate than all
+  answers; abstain_below=0 equals predict and classify's top label.
+- metric_for_best_model_roc_auc_picks_the_checkpoint: the restored checkpoint is the best on eval ROC-AUC, which
+  neither accuracy nor the last step would have picked; an unknown metric is refused.
+- cli_evaluate_reports_sensitivity_at_specificity: `vlm-adapters evaluate --at_specificity --positive_label`.
+- cli_train_with_the_howto_flags: the X-ray how-to's train options run from the command line.
+- an_undefined_metric_for_best_model_is_a_clear_error: ROC-AUC on a one-label eval split is refused by name.
 """
 
 from __future__ import annotations
@@ -128,6 +152,8 @@ def test_a_label_the_adapter_does_not_know_is_an_error(half_trained, splits):
         half_trained.evaluate(rows)
     with pytest.raises(ValueError, match="purple"):
         half_trained.calibrate(rows)
+    with pytest.raises(ValueError, match=r"the eval dataset has labels \['purple'\]"):  # before any image is encoded
+        half_trained.fit(splits["train"], rows, output_dir="unused")
 
 
 def test_evaluate_report_plots_sensitivity_at_specificity_and_modules(half_trained, splits, tmp_path):

@@ -98,9 +98,10 @@ def _with_describe_rows(train: datasets.Dataset, ratio: float, seed: int) -> dat
 
 
 def _eval_args(args: dict[str, Any], options: FitOptions, has_labels: bool) -> list[Any]:
-    """Evaluate as often as checkpoints are saved. The user's `metric_for_best_model` is kept (any
-    scalar metric of `evaluate`, or loss); early stopping uses it, else accuracy (loss for text)."""
-    args.setdefault("eval_strategy", args["save_strategy"])
+    """Evaluate as often as checkpoints are saved (or every `eval_steps`). The user's
+    `metric_for_best_model` is kept (any scalar metric of `evaluate`, or loss); early stopping uses it,
+    else accuracy (loss for text)."""
+    args.setdefault("eval_strategy", "steps" if "eval_steps" in args else args["save_strategy"])
     if args.get("save_strategy") == "steps":
         args.setdefault("eval_steps", args.get("save_steps"))
     if options.early_stopping_patience:
@@ -154,17 +155,19 @@ def fit(
 
     `options` are `FitOptions` fields (`projector_lr`, `align_epochs`, `class_weight`, `calibrate`, ...)
     and `TrainingArguments` names (`output_dir`, `num_train_epochs`, `learning_rate`, `save_steps`,
-    `metric_for_best_model`, ...). `class_weight="balanced"` (or {label: weight}) weights each row's
-    loss by its class; `balanced_sampling=True` draws the rows class-balanced instead;
-    `metric_for_best_model` may name any scalar metric of `evaluate` ("roc_auc", "balanced_accuracy",
-    ...); `calibrate=True` fits the probability temperature on the eval split
-    before the final evaluation.
+    `metric_for_best_model`, ...); `save_steps` / `eval_steps` without a strategy mean "steps", as in
+    transformers. `class_weight="balanced"` (or {label: weight}) weights each row's loss by its class;
+    `balanced_sampling=True` draws the rows class-balanced instead; `metric_for_best_model` may name
+    any scalar metric of `evaluate` ("roc_auc", "balanced_accuracy", ...); `calibrate=True` fits the
+    probability temperature on the eval split before the final evaluation.
     """
     fit_options, training_args = split_options(options)
     train_ds = as_dataset(train, "train dataset")
     eval_ds = as_dataset(eval, "eval dataset") if eval is not None else None
     names, eval_ds, weights = _labels(model, train_ds, eval_ds, fit_options)
     args = {**DEFAULT_ARGS, **training_args}
+    if "save_steps" in training_args and "save_strategy" not in training_args:
+        args["save_strategy"] = "steps"  # what save_steps means in transformers, whose default strategy is steps
     args.update(remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"])
     # On a CPU model, accelerate sets up multi-process (torchrun) training only when told use_cpu.
     args.setdefault("use_cpu", model.device.type == "cpu")
@@ -178,7 +181,8 @@ def fit(
         _set_feature_statistics(model, train_ds)
     ratio = (0.25 if names else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
     train_ds = features_as_tensors(_with_describe_rows(train_ds, ratio, args["seed"]))
-    if model.config.adapter == "prefix" and args.get("gradient_checkpointing"):
+    checkpointing = args.get("gradient_checkpointing") or args.get("activation_checkpointing")
+    if model.config.adapter == "prefix" and checkpointing:
         raise ValueError(
             "PEFT prefix tuning does not support gradient checkpointing; set gradient_checkpointing=False."
         )
