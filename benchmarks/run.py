@@ -423,8 +423,8 @@ def classify_reference(model: VisionLanguageModel, images: list[Any], names: lis
 
 
 def classify_cached(features: torch.Tensor) -> Callable[..., list[int]]:
-    """Label scoring on encoder features already in the on-disk cache (what `evaluate` does on a
-    dataset encoded before, e.g. the eval set at every epoch): the encoder does not run."""
+    """Label scoring on encoder features already in the on-disk cache (as `evaluate` reads a dataset
+    encoded before, e.g. the eval set at every epoch, though it scores every label): no encoder."""
 
     def run(model: VisionLanguageModel, images: list[Any], names: list[str], batch_size: int) -> list[int]:
         prompt = model.config.classify_prompt
@@ -496,7 +496,8 @@ def report_classify(ctx: Context, res: dict[str, Any]) -> str:
         "of only the class names under the most likely first token, "
         "and a second round for any name whose first-token bound still beats the best full score: exactly the "
         "top label of scoring every name); 'cached' is the same on "
-        "encoder features read from the feature cache (what `evaluate` does on a dataset encoded before). "
+        "encoder features read from the feature cache (as `evaluate` reads a dataset encoded before; `evaluate` "
+        "itself scores every label, for the probability metrics). "
         "Reference: `classify_by_generate` (the encoder, then greedy `generate`, up to 8 new tokens, then "
         "the longest class name found in the text; an answer that names no class counts as wrong).",
         "",
