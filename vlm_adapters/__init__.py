@@ -7,9 +7,17 @@ pulls in none of torch, transformers, PEFT, bitsandbytes, datasets or scikit-lea
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# On CPUs with AVX512-BF16, importing bitsandbytes (PEFT does) logs "Failed to load CPU gemm_4bit_forward
+# from kernels-community" when the `kernels` package is absent. That kernel serves only the repacked 4-bit
+# CPU path, which this library turns off (`llm.disable_cpu_4bit_repacking`), so the message is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+)
 
 # public name -> the module that defines it
 _EXPORTS = {

@@ -8,7 +8,7 @@ base model with the PEFT prefix (if any) in the cache, so they work the same for
 prefix tuning (whose `generate(inputs_embeds=...)` fails).
 
 The mixin relies on the core's `prompts`, `embed`, `image_embeddings`, `feed`, `prefix_cache`,
-`base_llm`, `vision`, `device`, `pad_token_id` and `stop_token_ids` (as transformers'
+`base_llm`, `cache_argument`, `vision`, `device`, `pad_token_id` and `stop_token_ids` (as transformers'
 `GenerationMixin` relies on its model's forward).
 """
 
@@ -88,9 +88,9 @@ class InferenceMixin:
                 input_ids=ids,
                 attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),
                 position_ids=past + torch.arange(ids.shape[1], device=self.device)[None],
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self.cache_argument: cache},
             )
         return cache
 

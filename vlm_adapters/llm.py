@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import time
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -231,6 +234,15 @@ def _frozen(llm: PreTrainedModel) -> PreTrainedModel:
     return llm.requires_grad_(False)
 
 
+@contextlib.contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing` alias when it wraps a
+    model, which prints a FutureWarning the user can do nothing about; only that one is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_adapter(llm: PreTrainedModel, config: AdapterConfig) -> PreTrainedModel | PeftModel:
     """Freeze the LLM and wrap it with the configured PEFT adapter (or leave it frozen for 'none')."""
     from .fast_lora import fuse_lora_4bit
@@ -239,7 +251,8 @@ def add_adapter(llm: PreTrainedModel, config: AdapterConfig) -> PreTrainedModel 
     peft_cfg = peft_config(config)
     if peft_cfg is None:
         return llm
-    model = get_peft_model(llm, peft_cfg)
+    with _peft_wrapping():
+        model = get_peft_model(llm, peft_cfg)
     fuse_lora_4bit(model)
     return model
 
@@ -253,7 +266,10 @@ def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) ->
     # PEFT refuses to load prompt-learning adapters as trainable; their prompt encoder is unfrozen
     # by hand so a loaded prefix adapter can be trained further, like a loaded LoRA.
     prompt_learning = config.adapter == "prefix"
-    model = PeftModel.from_pretrained(_frozen(llm), directory, is_trainable=not prompt_learning, use_safetensors=True)
+    with _peft_wrapping():
+        model = PeftModel.from_pretrained(
+            _frozen(llm), directory, is_trainable=not prompt_learning, use_safetensors=True
+        )
     if prompt_learning:
         for name, param in model.named_parameters():
             param.requires_grad_("prompt_encoder" in name)

@@ -9,6 +9,7 @@ forward and inference (`inference.py`, mixed in) both use it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -33,6 +34,12 @@ def context_length(llm: PreTrainedModel) -> int:
     return 2048
 
 
+def cache_argument(llm: PreTrainedModel) -> str:
+    """The name forward takes the KV cache by: transformers 5.x renamed `past_key_values` to `cache`
+    (the old name still works, with a FutureWarning per process); remote-code models may keep the old one."""
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
 class VisionLanguageCore(InferenceMixin, nn.Module):
     """The parts and the math. Trainable: `projector` and the PEFT adapter inside `llm`."""
 
@@ -53,6 +60,7 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         self.projector = projector
         self.llm = llm  # a PeftModel, or the bare LLM for adapter="none"
         self.tokenizer = tokenizer
+        self.cache_argument = cache_argument(self.base_llm)
         self.prompts = PromptBuilder(
             tokenizer,
             projector.num_image_tokens,
@@ -176,8 +184,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
             inputs_embeds=embeds,
             attention_mask=mask[:, None].expand(embeds.shape[0], -1, -1, -1),
             position_ids=(self.num_prefix_tokens + positions.to(self.device)).expand(embeds.shape[0], -1),
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{self.cache_argument: cache},
             logits_to_keep=keep,
         )
         return out.logits.float().log_softmax(-1)
