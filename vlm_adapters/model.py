@@ -30,14 +30,16 @@ class VisionLanguageModel(VisionLanguageCore):
 
         return evaluate(self, dataset, **options)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> str:
-        """Write the adapter folder (config, projector, PEFT weights, model card) atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, with_app: bool = False) -> str:
+        """Write the adapter folder (config, projector, PEFT weights, model card) atomically; `with_app`
+        adds a Gradio `app.py` + `requirements.txt`, so the folder runs as a Space."""
         from .hub import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, with_app)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload the adapter folder to the Hub (`private`, `token`, `revision`, `commit_message`)."""
+        """Upload the adapter folder to the Hub (`private`, `token`, `revision`, `commit_message`,
+        `with_app`)."""
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
