@@ -44,13 +44,13 @@ def is_image_file(path: str | os.PathLike) -> bool:
 
 
 def walk_files(folder: str | os.PathLike) -> list[str]:
-    """Every file under `folder` at any depth, in a stable (sorted) order; hidden files and folders
-    (`.DS_Store`, `.git/`, `.ipynb_checkpoints/`) are left out."""
+    """Every file under `folder` at any depth, sorted by path (as a recursive glob lists them); hidden
+    files and folders (`.DS_Store`, `.git/`, `.ipynb_checkpoints/`) are left out."""
     found = []
     for here, dirs, names in os.walk(folder):
-        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
-        found += [os.path.join(here, name) for name in sorted(names) if not name.startswith(".")]
-    return found
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        found += [os.path.join(here, name) for name in names if not name.startswith(".")]
+    return sorted(found)
 
 
 def is_dicom(head: bytes, name: str) -> bool:
