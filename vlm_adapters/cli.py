@@ -218,21 +218,26 @@ COMMANDS: dict[str, tuple[str, Command]] = {
 }
 
 
-def accept_none(parser: argparse.ArgumentParser, classes: Sequence[type]) -> None:
-    """Let `--quantization none`, `--num_image_tokens none` set an optional field back to None:
-    HfArgumentParser accepts only values of the inner type. Text fields keep 'none' as text."""
+def fix_flags(parser: argparse.ArgumentParser, classes: Sequence[type]) -> None:
+    """Two gaps of HfArgumentParser, closed for the option dataclasses (argparse keeps no public index
+    of its actions): a `list[str] | str` field gets no default (`--lora_target_modules` was None unless
+    given), and an Optional field cannot be set back to None (`--quantization none`,
+    `--num_image_tokens none`). Text fields keep 'none' as text."""
     for cls in classes:
         if cls is TrainingArguments:
             continue
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            args = typing.get_args(hints[f.name])
-            action = parser._option_string_actions.get(f"--{f.name}")  # argparse keeps no public index
-            if not f.init or action is None or type(None) not in args or str in args:
+            action = parser._option_string_actions.get(f"--{f.name}")
+            if not f.init or action is None:
                 continue
-            action.type = functools.partial(_none_or, action.type)
-            if action.choices is not None:
-                action.choices = [*action.choices, None]
+            if action.default is None and f.default not in (None, dataclasses.MISSING):
+                action.default = f.default
+            args = typing.get_args(hints[f.name])
+            if type(None) in args and str not in args:
+                action.type = functools.partial(_none_or, action.type)
+                if action.choices is not None:
+                    action.choices = [*action.choices, None]
 
 
 def _none_or(convert: Callable[[str], Any], text: str) -> Any:
@@ -255,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     description, resolve = COMMANDS[command]
     classes, run = resolve()
     parser = HfArgumentParser(classes, prog=f"vlm-adapters {command}", description=description)
-    accept_none(parser, classes)
+    fix_flags(parser, classes)
     rest = argv[1:]
     if len(rest) == 1 and rest[0].endswith((".yaml", ".yml")):
         options = parser.parse_yaml_file(rest[0])

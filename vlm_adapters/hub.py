@@ -180,6 +180,8 @@ def resolve_adapter_dir(source: str, *, revision: str | None, token: str | None,
         return source
     if os.path.exists(source):
         raise AdapterLoadError(f"{source} is a file; pass the adapter folder that holds {CONFIG_NAME}.")
+    if os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1:  # not "owner/name"
+        raise AdapterLoadError(f"{source}: no such adapter folder (nor a Hub repo id such as 'me/xray-adapter').")
     patterns = HUB_FILES + (["*.bin", "*.pt"] if allow_pickle else [])
     return snapshot_download(source, revision=revision, token=token, allow_patterns=patterns)
 
