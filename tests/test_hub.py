@@ -179,8 +179,10 @@ def test_nf4_base_by_repo_id_is_quantized_from_the_hub_cache_offline(tmp_path, l
     assert ours.name_or_path == "me/tiny-llm"
 
 
-def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_dir, vit_dir, monkeypatch):
-    """Only the HTTP layer is replaced: huggingface_hub builds the real create-repo and commit requests."""
+@pytest.mark.parametrize("with_app", [False, True])
+def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_dir, vit_dir, monkeypatch, with_app):
+    """Only the HTTP layer is replaced: huggingface_hub builds the real create-repo and commit requests.
+    With `with_app`, the Space's app.py and requirements.txt go up too, and the card names the SDK."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     requests: list[httpx.Request] = []
 
@@ -209,7 +211,7 @@ def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_d
         # the names a Hub user's config holds (the model card lists them as its bases and dataset)
         model.config.llm, model.config.vision = "HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"
         model.config.dataset = "me/colour-squares"
-        url = model.push_to_hub("me/colours", token="hf_SecretToken0123456789", private=True)
+        url = model.push_to_hub("me/colours", token="hf_SecretToken0123456789", private=True, with_app=with_app)
     finally:
         huggingface_hub.set_client_factory(default_client_factory)
         huggingface_hub.close_session()
@@ -220,9 +222,14 @@ def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_d
     commit = next(r for r in requests if "/commit/" in r.url.path)
     lines = [json.loads(line) for line in commit.content.decode().splitlines()]
     uploaded = {line["value"]["path"]: line["value"] for line in lines if line["key"] == "file"}
+    app_files = {"app.py", "requirements.txt"} if with_app else set()
     assert set(uploaded) == {CONFIG_NAME, "projector.safetensors", "adapter_config.json",
-                             "adapter_model.safetensors", "README.md"}
+                             "adapter_model.safetensors", "README.md"} | app_files
     card = ModelCard(base64.b64decode(uploaded["README.md"]["content"]).decode())
+    assert (card.data.get("sdk"), card.data.get("app_file")) == (("gradio", "app.py") if with_app else (None, None))
+    if with_app:
+        app = base64.b64decode(uploaded["app.py"]["content"]).decode()
+        assert "serve(load(here)" in app and "colours (vlm_adapters)" in app
     assert card.data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"]
     assert card.data.datasets == ["me/colour-squares"] and card.data.pipeline_tag == "image-text-to-text"
     assert card.data.library_name == "vlm_adapters"
