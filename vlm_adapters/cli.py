@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="vlm-adapters",
         description="Vision adapters for 4-bit LLMs. Run `vlm-adapters COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(f"  {name:<13} {doc}" for name, (doc, _) in COMMANDS.items()),
+        epilog="\n".join(f"  {name:<13} {' '.join(doc.split())}" for name, (doc, _) in COMMANDS.items()),
     )
     top.add_argument("command", choices=list(COMMANDS))
     if not argv or argv[0] in ("-h", "--help"):

@@ -22,8 +22,7 @@ ABSTAINED = "abstained"
 
 @dataclass
 class PredictOptions:
-    """Classify (and describe) a folder or glob of images into CSV or JSONL, streamed batch by batch;
-    unreadable or non-image files get a `reason` instead of stopping the run."""
+    """Classify (and describe) a folder or glob of images into CSV or JSONL, a row per file, as it goes."""
 
     adapter: str = field(metadata={"help": "adapter folder or Hub repo id"})
     images: str = field(metadata={"help": "a folder (searched at any depth) or a glob such as 'scans/*.png'"})
