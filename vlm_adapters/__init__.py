@@ -19,7 +19,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
 )
 
-# public name -> the module that defines it
+# public name -> the module that defines it (no module shares a public name: an imported submodule
+# would shadow it as an attribute of the package)
 _EXPORTS = {
     "AdapterConfig": "config",
     "AttachOptions": "config",
@@ -29,8 +30,8 @@ _EXPORTS = {
     "PromptTooLongError": "prompting",
     "VLMCollator": "collator",
     "VisionLanguageModel": "model",
-    "attach": "attach",
-    "load": "attach",
+    "attach": "builder",
+    "load": "builder",
     "load_data": "data",
     "load_image": "images",
     "merge_and_export": "export",
@@ -40,7 +41,7 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
-    from .attach import attach, load
+    from .builder import attach, load
     from .collator import VLMCollator
     from .config import AdapterConfig, AttachOptions, FitOptions
     from .data import load_data, split_for_eval

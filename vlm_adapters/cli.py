@@ -108,7 +108,7 @@ def _changed_training_args(args: TrainingArguments) -> dict[str, Any]:
 def cmd_train(
     opts: TrainOptions, attach_opts: AttachOptions, fit_opts: FitOptions, training_args: TrainingArguments
 ) -> None:
-    from .attach import attach
+    from .builder import attach
     from .data import load_data, load_splits, pick_split, split_for_eval
 
     splits = load_splits(opts.train)
@@ -146,7 +146,7 @@ def load_data_for(source: str, split: str | None, prefer: Sequence[str], label_m
 
 
 def cmd_evaluate(opts: EvaluateOptions) -> None:
-    from .attach import load
+    from .builder import load
 
     data = load_data_for(opts.data, opts.split, TEST_SPLITS, opts.label_map)
     metrics = load(opts.adapter).evaluate(data, output_dir=opts.output_dir, batch_size=opts.batch_size)
@@ -158,7 +158,7 @@ def cmd_evaluate(opts: EvaluateOptions) -> None:
 
 def cmd_serve(opts: ServeOptions) -> None:
     from .app import serve  # gradio loads only for this command
-    from .attach import load
+    from .builder import load
 
     name = os.path.basename(os.path.abspath(opts.adapter)) if os.path.isdir(opts.adapter) else opts.adapter
     serve(load(opts.adapter), host=opts.host, port=opts.port, labels=_split_labels(opts.labels),
@@ -166,7 +166,7 @@ def cmd_serve(opts: ServeOptions) -> None:
 
 
 def cmd_export(opts: ExportOptions) -> None:
-    from .attach import load
+    from .builder import load
 
     print(load(opts.adapter).merge_and_export(opts.output_dir))
 

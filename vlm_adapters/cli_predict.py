@@ -162,7 +162,7 @@ def chunks(items: list[str], size: int) -> Iterator[list[str]]:
 def cmd_predict(opts: PredictOptions) -> None:
     from tqdm.auto import tqdm
 
-    from .attach import load
+    from .builder import load
 
     check_options(opts)
     files = find_files(opts.images)
