@@ -29,7 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="runs/demo/adapter")
     parser.add_argument("--output", default="docs/app.png")
-    parser.add_argument("--question", default="Is this something you wear on your feet?")
+    parser.add_argument("--question", default="What kind of clothing is this?")
+    parser.add_argument("--abstain_below", default="0.9")
     args = parser.parse_args()
 
     encoder, processor = efficientnet_lite0()  # the demo attaches the encoder as an in-memory module
@@ -50,7 +51,7 @@ def main() -> None:
             page.goto(demo.local_url)
             page.locator("#files input[type=file]").set_input_files(paths)
             expect(page.locator("#gallery img")).to_have_count(len(paths), timeout=60_000)
-            page.locator("#threshold input[type=number]").fill("0.5")
+            page.locator("#threshold input[type=number]").fill(args.abstain_below)
             page.locator("#threshold input[type=number]").press("Enter")
             page.click("#classify")
             expect(page.locator("#prediction textarea")).not_to_have_value("", timeout=300_000)
