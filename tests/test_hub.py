@@ -15,6 +15,7 @@ import torch
 from conftest import colour_dataset, save_llm, save_vision
 from huggingface_hub import ModelCard
 from huggingface_hub.utils._http import default_client_factory
+from peft import AdaLoraConfig
 from safetensors.torch import load_file
 
 from vlm_adapters import AdapterLoadError, attach, load
@@ -179,7 +180,10 @@ def test_nf4_base_by_repo_id_is_quantized_from_the_hub_cache_offline(tmp_path, l
     assert ours.name_or_path == "me/tiny-llm"
 
 
-def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_dir, vit_dir, monkeypatch):
+@pytest.mark.parametrize(("adapter", "method"), [("lora", "LORA"), (AdaLoraConfig(total_step=10), "ADALORA")])
+def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(
+    tmp_path, llm_dir, vit_dir, monkeypatch, adapter, method
+):
     """Only the HTTP layer is replaced: huggingface_hub builds the real create-repo and commit requests."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     requests: list[httpx.Request] = []
@@ -205,7 +209,7 @@ def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_d
 
     huggingface_hub.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(handler)))
     try:
-        model = attach(vit_dir, llm_dir)
+        model = attach(vit_dir, llm_dir, adapter=adapter)
         # the names a Hub user's config holds (the model card lists them as its bases and dataset)
         model.config.llm, model.config.vision = "HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"
         model.config.dataset = "me/colour-squares"
@@ -225,7 +229,8 @@ def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_d
     card = ModelCard(base64.b64decode(uploaded["README.md"]["content"]).decode())
     assert card.data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"]
     assert card.data.datasets == ["me/colour-squares"] and card.data.pipeline_tag == "image-text-to-text"
-    assert card.data.library_name == "vlm_adapters"
+    assert card.data.library_name == "vlm_adapters" and method.lower() in card.data.tags
+    assert json.loads(base64.b64decode(uploaded["adapter_config.json"]["content"]))["peft_type"] == method
     assert 'load("me/colours")' in card.text  # the usage snippet names the real repo
     for name, entry in uploaded.items():
         assert b"hf_SecretToken" not in base64.b64decode(entry["content"]), name

@@ -165,7 +165,7 @@ def fit(
     ratio = (0.25 if names else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
     train_ds = features_as_tensors(_with_describe_rows(train_ds, ratio, args["seed"]))
     callbacks = list(callbacks or []) + (_eval_args(args, fit_options, bool(names)) if eval_ds is not None else [])
-    if model.config.adapter == "prefix" and args.get("gradient_checkpointing"):
+    if model.num_prefix_tokens and args.get("gradient_checkpointing"):
         raise ValueError(
             "PEFT prefix tuning does not support gradient checkpointing; set gradient_checkpointing=False."
         )
