@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import colour_image, save_vision
+from conftest import colour_image, save_image_text, save_vision
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -15,9 +15,12 @@ from vlm_adapters.prompting import IMAGE_TOKEN_ID
 PROMPT = "What is shown in this image?"
 
 
-@pytest.fixture(scope="module", params=["clip", "siglip"])
+@pytest.fixture(scope="module", params=["clip", "siglip", "clip_full", "siglip_full"])
 def encoder(request, tmp_path_factory) -> tuple[str, str]:
-    return request.param, save_vision(str(tmp_path_factory.mktemp(request.param)), request.param)
+    """Vision-model checkpoints, and full CLIPModel / SiglipModel ones (text tower included) as users pass."""
+    family, full = request.param.removesuffix("_full"), request.param.endswith("_full")
+    path = str(tmp_path_factory.mktemp(request.param))
+    return family, save_image_text(path, family) if full else save_vision(path, family)
 
 
 @pytest.fixture(scope="module")
