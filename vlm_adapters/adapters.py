@@ -37,12 +37,14 @@ from .config import AdapterConfig
 from .llm import disable_cpu_4bit_repacking, is_quantized
 
 # Methods measured to compute on bitsandbytes layers exactly what they compute on the dequantized
-# weights (tests/test_peft_methods.py checks every entry against the installed PEFT). The others build
-# their adapter from the shape of the packed quantized weight: LoHa, LoKr and HRA fail on NF4, and HRA
-# on int8 runs but computes something else; DoRA on int8 fails on CPU.
+# weights (tests/test_peft_methods.py checks every entry against the installed PEFT). LoHa, LoKr and HRA
+# build their adapter from the shape of the packed 4-bit weight and fail on NF4; HRA on int8 runs but
+# computes something else; DoRA on int8 fails inside PEFT on CPU.
 QUANTIZED_METHODS = {
     "nf4": ("LORA", "DORA", "ADALORA", "IA3", "PREFIX_TUNING", "VERA", "OFT", "BOFT", "FOURIERFT", "LN_TUNING"),
-    "int8": ("LORA", "ADALORA", "IA3", "PREFIX_TUNING", "VERA", "OFT", "BOFT", "FOURIERFT", "LN_TUNING"),
+    "int8": (
+        "LORA", "ADALORA", "IA3", "PREFIX_TUNING", "VERA", "OFT", "BOFT", "FOURIERFT", "LN_TUNING", "LOHA", "LOKR"
+    ),
 }
 
 
