@@ -216,7 +216,13 @@ class RankAllocation(TrainerCallback):
         self.llm = llm
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        total = _active_config(self.llm).total_step
+        config = _active_config(self.llm)
+        if self._trainable() and config.rank_pattern is not None:
+            raise ValueError(
+                "this AdaLoRA adapter has already allocated its ranks (it was trained or loaded), and PEFT's rank "
+                "allocator cannot run again on it. Train AdaLoRA in one run, from a fresh attach(...)."
+            )
+        total = config.total_step
         if self._trainable() and state.max_steps != total:
             warnings.warn(
                 f"AdaLoraConfig.total_step={total} but this training runs {state.max_steps} optimizer steps; "
