@@ -15,8 +15,8 @@ from vlm_adapters.features import vision_fingerprint
 from vlm_adapters.vision import VisionTower
 
 LABELS = ["red", "green", "blue"]
-# leading tokens before the 4x4 patch grid: CLS for CLIP, none for SigLIP, CLS + 4 registers for DINOv2
-DROPPED = {"clip": 1, "siglip": 0, "dinov2_registers": 5}
+# leading tokens before the 4x4 patch grid: CLS for CLIP, none for SigLIP, CLS + 2 registers for DINOv2
+DROPPED = {"clip": 1, "siglip": 0, "dinov2_registers": 3}
 
 
 def checkpoint(tmp_path_factory, family: str) -> str:
@@ -59,13 +59,13 @@ def test_patch_tokens_are_the_encoders_hidden_states_without_cls_and_registers(f
 
 def test_registers_are_dropped_when_the_processor_size_differs_from_the_config(tmp_path, images):
     """Real DINOv2 checkpoints say image_size=518 but their processor crops 224: the patch grid then
-    comes from the token count, and CLS + registers are still the leading 5."""
+    comes from the pixels, and CLS + registers are still the leading 3."""
     path = save_vision(str(tmp_path / "dinov2"), "dinov2_registers")
     tower = VisionTower.from_pretrained(path, image_processor=ViTImageProcessor(size={"height": 48, "width": 48}))
     pixels = tower.preprocess(images)
     hidden = encoder_hidden_states(path, "dinov2_registers", pixels)[-2]
-    assert hidden.shape[1] == 36 + 5
-    assert torch.equal(tower.encode_images(images), hidden[:, 5:])
+    assert hidden.shape[1] == 36 + 3
+    assert torch.equal(tower.encode_images(images), hidden[:, 3:])
 
 
 def test_feature_cache_fingerprint_ignores_the_text_tower(tmp_path):

@@ -15,14 +15,11 @@ import datasets
 import numpy as np
 import torch
 
+from .files import default_cache_dir
 from .images import ImageLoadError, load_image
 from .vision import VisionTower
 
 FEATURES_COLUMN = "image_features"
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("VLM_ADAPTERS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vlm_adapters"))
 
 
 def vision_fingerprint(vision: VisionTower) -> str:
