@@ -50,7 +50,11 @@ def test_patch_tokens_are_the_encoders_hidden_states_without_cls_and_registers(f
     assert (model.vision.image_text_model is not None) == (family != "dinov2_registers")
     assert model.vision.kind == "hf" and type(model.vision.encoder).__name__.endswith("Model")
     pixels = model.vision.preprocess(images)
+    text_calls = []
+    if model.vision.image_text_model is not None:  # kept for clip_classify, never run to encode images
+        model.vision.image_text_model.text_model.register_forward_hook(lambda *args: text_calls.append(1))
     tokens = model.vision.encode_images(images)
+    assert not text_calls
     hidden = encoder_hidden_states(path, family, pixels)[layer]
     assert hidden.shape[1] == 16 + DROPPED[family] and tokens.shape == (3, 16, 32)
     assert torch.equal(tokens, hidden[:, DROPPED[family] :])
