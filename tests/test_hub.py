@@ -33,6 +33,7 @@ import pytest
 import torch
 from conftest import colour_dataset, save_llm, save_vision, uploaded_files
 from huggingface_hub import ModelCard
+from peft import AdaLoraConfig
 from safetensors.torch import load_file
 
 from vlm_adapters import AdapterLoadError, attach, load
@@ -198,11 +199,14 @@ def test_nf4_base_by_repo_id_is_quantized_from_the_hub_cache_offline(tmp_path, l
     assert ours.name_or_path == "me/tiny-llm"
 
 
-@pytest.mark.parametrize("with_app", [False, True])
-def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_dir, vit_dir, fake_hub, with_app):
+@pytest.mark.parametrize(("adapter", "method", "with_app"), [
+    ("lora", "LORA", False), ("lora", "LORA", True), (AdaLoraConfig(total_step=10), "ADALORA", False)])
+def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(
+    tmp_path, llm_dir, vit_dir, fake_hub, adapter, method, with_app
+):
     """Only the HTTP layer is replaced: huggingface_hub builds the real create-repo and commit requests.
     With `with_app`, the Space's app.py and requirements.txt go up too, and the card names the SDK."""
-    model = attach(vit_dir, llm_dir)
+    model = attach(vit_dir, llm_dir, adapter=adapter)
     # the names a Hub user's config holds (the model card lists them as its bases and dataset)
     model.config.llm, model.config.vision = "HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"
     model.config.dataset = "me/colour-squares"
@@ -222,7 +226,8 @@ def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_d
         assert "serve(load(here)" in app and "colours (vlm_adapters)" in app
     assert card.data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"]
     assert card.data.datasets == ["me/colour-squares"] and card.data.pipeline_tag == "image-text-to-text"
-    assert card.data.library_name == "vlm_adapters"
+    assert card.data.library_name == "vlm_adapters" and method.lower() in card.data.tags
+    assert json.loads(uploaded["adapter_config.json"])["peft_type"] == method
     assert 'load("me/colours")' in card.text  # the usage snippet names the real repo
     for name, content in uploaded.items():
         assert b"hf_SecretToken" not in content, name

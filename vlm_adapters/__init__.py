@@ -1,4 +1,4 @@
-"""vlm_adapters: attach a frozen vision encoder to a 4-bit LLM with LoRA or prefix adapters.
+"""vlm_adapters: attach a frozen vision encoder to a 4-bit LLM with a PEFT adapter (LoRA, prefix, AdaLoRA ...).
 
 The public names load on first use (as transformers' top-level names do), so `import vlm_adapters`
 pulls in none of torch, transformers, PEFT, bitsandbytes, datasets or scikit-learn.

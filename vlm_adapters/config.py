@@ -17,6 +17,8 @@ from typing import Any, Literal
 CONFIG_NAME = "vlm_adapter_config.json"
 
 AdapterKind = Literal["lora", "prefix", "none"]
+# What a saved config records: "peft" for an adapter given as a PEFT config object (see `peft_type`).
+SavedAdapterKind = Literal["lora", "prefix", "none", "peft"]
 Quantization = Literal["nf4", "int8"]
 ProjectorKind = Literal["linear", "mlp2x_gelu"]
 PoolingKind = Literal["avg", "pixel_shuffle"]
@@ -126,10 +128,26 @@ class AdapterConfig(AttachOptions):
     vision_revision: str | None = _option(None, "revision of the vision encoder on the Hub")
     llm_revision: str | None = _option(None, "revision of the LLM on the Hub")
     dataset: str | None = _option(None, "Hub id of the training dataset, named in the model card")
+    adapter: SavedAdapterKind = _option(
+        "lora", "lora / prefix / none, or 'peft' for an adapter given as a PEFT config object"
+    )
+    peft_type: str | None = _option(
+        None, "PEFT method of an adapter='peft' (e.g. 'ADALORA'); PEFT's adapter_config.json holds its options, "
+        "and lora_* / num_prefix_tokens are unused"
+    )
     vision_signature: dict[str, Any] = field(default_factory=dict)
     llm_signature: dict[str, Any] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
     format_version: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if (self.adapter == "peft") != (self.peft_type is not None):
+            raise ValueError(
+                f"AdapterConfig(adapter={self.adapter!r}, peft_type={self.peft_type!r}): adapter='peft' records an "
+                "adapter given as a PEFT config object, with its peft_type. To attach one, pass the object itself: "
+                "attach(..., adapter=LoraConfig(...))."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,11 +24,19 @@ def evaluate(
     output_dir: str | None = None,
     max_new_tokens: int = 48,
     progress: bool = True,
+    zero_shot_baseline: bool = False,
 ) -> dict[str, Any]:
     """Classification metrics for label data (label scoring over the class names), text metrics otherwise.
 
-    With `output_dir`, a confusion-matrix PNG is written there for label data.
+    With `output_dir`, a confusion-matrix PNG is written there for label data. With `zero_shot_baseline`,
+    `clip_zero_shot_accuracy` is the accuracy of the encoder's own CLIP / SigLIP zero-shot scores (see
+    `zero_shot.py`; needs the full checkpoint and the images).
     """
+    baseline: dict[str, float] = {}
+    if zero_shot_baseline:  # first: a model without a text tower fails before the evaluation runs
+        from .zero_shot import zero_shot_accuracy
+
+        baseline["clip_zero_shot_accuracy"] = zero_shot_accuracy(model, dataset, batch_size)
     data = features_as_tensors(as_dataset(dataset))
     names = label_names(data) or None
     was_training = model.training
@@ -56,7 +64,7 @@ def evaluate(
         model.train(was_training)
     if not names:
         return {**text_metrics(refs, outs), "predictions": outs}
-    metrics = classification_metrics(true, pred, names)
+    metrics = {**classification_metrics(true, pred, names), **baseline}
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         metrics["confusion_matrix_png"] = plot_confusion_matrix(

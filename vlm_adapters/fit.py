@@ -170,7 +170,7 @@ def fit(
     train_ds = features_as_tensors(_with_describe_rows(train_ds, ratio, args["seed"]))
     callbacks = list(callbacks or []) + (_eval_args(args, fit_options, bool(names)) if eval_ds is not None else [])
     checkpointing = args.get("gradient_checkpointing") or args.get("activation_checkpointing")
-    if model.config.adapter == "prefix" and checkpointing:
+    if model.num_prefix_tokens and checkpointing:
         raise ValueError(
             "PEFT prefix tuning does not support gradient checkpointing; set gradient_checkpointing=False."
         )

@@ -53,7 +53,7 @@ CARD_TEMPLATE = """---
 
 # {{ title }}
 
-A projector ({{ config.projector }}) and a {{ config.adapter }} adapter that connect the vision encoder
+A projector ({{ config.projector }}) and a {{ method }} adapter that connect the vision encoder
 `{{ config.vision or "(in-memory module)" }}` to the LLM `{{ config.llm or "(in-memory module)" }}`
 (loaded with quantization={{ config.quantization }}), trained with
 [vlm_adapters](https://github.com/vlm-adapters/vlm-adapters). Only the trained weights are stored here.
@@ -128,11 +128,12 @@ def model_card(model: VisionLanguageCore, repo_id: str, with_app: bool = False) 
     config = model.config
     metrics: dict[str, Any] = getattr(model, "metrics", {}) or {}
     bases = [name for name in (config.llm, config.vision) if name and not os.path.isabs(name)]
+    method = (config.peft_type or config.adapter).lower()  # e.g. "lora", "prefix", "adalora"
     data = ModelCardData(
         library_name="vlm_adapters",
         base_model=bases or None,
         pipeline_tag="image-text-to-text",
-        tags=["vlm_adapters", "vision-language", config.adapter],
+        tags=["vlm_adapters", "vision-language", method],
         datasets=[config.dataset] if config.dataset else None,
         **({"sdk": "gradio", "app_file": "app.py"} if with_app else {}),  # what a Space reads from its card
     )
@@ -141,6 +142,7 @@ def model_card(model: VisionLanguageCore, repo_id: str, with_app: bool = False) 
         template_str=CARD_TEMPLATE,
         title=f"{os.path.basename(repo_id.rstrip('/'))} (vlm_adapters adapter)",
         config=config,
+        method=method,
         repo_id=repo_id,
         labels=", ".join(config.labels) or "(free text)",
         usage_labels=repr(config.labels or ["label a", "label b"]),
@@ -204,6 +206,21 @@ def check_weight_files(directory: str, config: AdapterConfig, allow_pickle: bool
         )
     if config.adapter != "none" and PEFT_WEIGHTS not in files and not (allow_pickle and pickles):
         raise AdapterLoadError(f"{directory} has no {PEFT_WEIGHTS} for its {config.adapter} adapter.")
+
+
+def check_peft_type(directory: str, config: AdapterConfig) -> None:
+    """The method in PEFT's adapter_config.json must be the one vlm_adapter_config.json records."""
+    if config.adapter == "none":
+        return
+    from peft import PeftConfig, PeftType
+
+    found = PeftType(PeftConfig.from_pretrained(directory).peft_type).value
+    expected = {"lora": "LORA", "prefix": "PREFIX_TUNING"}.get(config.adapter, config.peft_type)
+    if found != expected:
+        raise AdapterLoadError(
+            f"{directory}/adapter_config.json holds a {found} adapter, but its {CONFIG_NAME} records {expected}; "
+            "the folder mixes the files of two adapters. Save the adapter again."
+        )
 
 
 def read_projector(directory: str, allow_pickle: bool) -> dict[str, torch.Tensor]:

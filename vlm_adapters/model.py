@@ -15,7 +15,8 @@ from .modeling import VisionLanguageCore
 
 class VisionLanguageModel(VisionLanguageCore):
     """Frozen encoder -> trainable projector -> LLM with a PEFT adapter: classify, predict, describe
-    (from `InferenceMixin`), fit, evaluate, save_pretrained, push_to_hub, merge_and_export."""
+    (from `InferenceMixin`), clip_classify (zero-shot), fit, evaluate, save_pretrained, push_to_hub,
+    merge_and_export."""
 
     def fit(self, train: Any, eval: Any = None, **options: Any) -> dict[str, Any]:  # noqa: A002 - contract name
         """Train projector + adapter with transformers' Trainer; options are `FitOptions` fields and
@@ -29,6 +30,16 @@ class VisionLanguageModel(VisionLanguageCore):
         from .evaluation import evaluate
 
         return evaluate(self, dataset, **options)
+
+    def clip_classify(
+        self, images: Any, labels: Any, template: str = "This is a photo of {}.", **options: Any
+    ) -> dict[str, float] | list[dict[str, float]]:
+        """Zero-shot probabilities from the CLIP / SigLIP checkpoint the encoder came from (text tower
+        included), as transformers' zero-shot-image-classification pipeline computes them: a softmax
+        over the labels for CLIP, a sigmoid per label for SigLIP. Raises `ValueError` without a text tower."""
+        from .zero_shot import clip_classify
+
+        return clip_classify(self, images, labels, template, **options)
 
     def save_pretrained(self, directory: str | os.PathLike, with_app: bool = False) -> str:
         """Write the adapter folder (config, projector, PEFT weights, model card) atomically; `with_app`

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .adapters import prefix_length, regularization
 from .config import AdapterConfig
 from .inference import InferenceMixin
 from .packing import PackedBatch
@@ -82,7 +83,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return self.config.num_prefix_tokens if self.config.adapter == "prefix" else 0
+        """Virtual tokens of a prefix-tuning adapter (from its PEFT config); 0 for other methods."""
+        return prefix_length(self.llm)
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +149,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         image_features: torch.Tensor | None = None,
         **_: Any,
     ) -> CausalLMOutputWithPast:
-        """With labels: mean loss over the answer tokens, logits only at those positions ([num_answer_tokens, V]).
+        """With labels: mean loss over the answer tokens (+ the adapter's regulariser, if its method has one),
+        log-probs only at those positions ([num_answer_tokens, V]).
 
         The batch runs packed into one row (`packing.py`): no padding, and the tokens before the image
         (system turn + prompt) once for all rows that share them, each row attending to its own."""
@@ -165,7 +168,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         keep = batch.supervised.nonzero()[:, 0]
         logprobs = self.feed(embeds, cache, batch.positions[None], batch.visible, keep)[0]
         targets = batch.targets[keep]
-        loss = -logprobs.gather(-1, targets[:, None]).mean()
+        # plus what the PEFT method adds in its own forward (AdaLoRA's orthogonal regulariser), bypassed here
+        loss = -logprobs.gather(-1, targets[:, None]).mean() + regularization(self.llm)
         return CausalLMOutputWithPast(loss=loss, logits=logprobs)
 
     def prefix_cache(self) -> DynamicCache:
