@@ -15,7 +15,8 @@ What each test proves:
   adapter, the confusion matrix; the reloaded adapter predicts the same; the scores are on the test images.
 - split_folder_label_map_and_attach_flags: a train/ validation/ test/ folder needs no --split (validation/ is
   the eval split of training, test/ the split `evaluate` scores), --label_map renames, flags of every kind
-  (`none`, `--no_x`, numbers) reach the saved config.
+  (`none`, `--no_x`, numbers) reach the saved config, and TrainingArguments flags the user gives reach `fit` even
+  when they equal transformers' defaults (`--seed 42`, `--learning_rate 5e-5`).
 - optional_options_take_none_and_text_keeps_it: `--quantization none` etc. give None; defaults are the dataclass's.
 - export_writes_a_llava_model: `export` writes a folder transformers loads as Llava.
 - console_is_free_of_library_noise: `train` + `predict` in a fresh process print no FutureWarning / deprecation
@@ -135,6 +136,7 @@ def test_split_folder_label_map_and_attach_flags(tmp_path, llm_dir, vit_dir, mon
 
     def spy(self, train, eval=None, **options):  # noqa: A002 - fit's own name
         sizes.update(train=len(train), eval=len(eval), names=train.features["label"].names)
+        sizes.update(seed=options.get("seed"), learning_rate=options.get("learning_rate"))
         return fit(self, train, eval, **options)
 
     monkeypatch.setattr(VisionLanguageModel, "fit", spy)
@@ -142,8 +144,9 @@ def test_split_folder_label_map_and_attach_flags(tmp_path, llm_dir, vit_dir, mon
                  "--label_map", str(label_map), "--output_dir", str(tmp_path / "run"), "--num_train_epochs", "1",
                  "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none", "--quantization", "none",
                  "--lora_dropout", "0.05", "--no_projector_norm", "--num_image_tokens", "none",
-                 "--describe_ratio", "0"]) == 0
-    assert sizes == {"train": 12, "eval": 6, "names": ["blue", "green", "red"]}  # validation/ is the eval split
+                 "--describe_ratio", "0", "--seed", "42", "--learning_rate", "5e-5"]) == 0
+    # validation/ is the eval split; flags equal to transformers' defaults (seed 42, lr 5e-5) still win over fit's
+    assert sizes == {"train": 12, "eval": 6, "names": ["blue", "green", "red"], "seed": 42, "learning_rate": 5e-5}
     config = json.loads((tmp_path / "run" / "adapter" / "vlm_adapter_config.json").read_text())
     assert config["quantization"] is None and config["lora_dropout"] == 0.05 and config["projector_norm"] is False
     assert config["labels"] == ["blue", "green", "red"] and config["lora_target_modules"] == "all-linear"

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .cli_predict import PredictOptions, cmd_predict
@@ -95,21 +96,27 @@ class PushOptions:
     revision: str | None = None
 
 
-def _changed_training_args(args: TrainingArguments) -> dict[str, Any]:
-    """Only the TrainingArguments the user set, so fit()'s own defaults apply to the rest."""
-    defaults = TrainingArguments(output_dir=args.output_dir)
-    return {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainingArguments)
-        if f.init and getattr(args, f.name) != getattr(defaults, f.name)
-    } | {"output_dir": args.output_dir}
+def given_names(rest: Sequence[str], config: dict[str, Any] | None) -> set[str]:
+    """The option names the user wrote (flags, or the keys of a YAML / JSON file): a TrainingArguments
+    flag set to transformers' own default is still the user's choice over fit()'s defaults."""
+    if config is not None:
+        return set(config)
+    flags = {arg[2:].split("=", 1)[0] for arg in rest if arg.startswith("--")}
+    return flags | {name[3:] for name in flags if name.startswith("no_")}
+
+
+def _given_training_args(args: TrainingArguments, given: set[str]) -> dict[str, Any]:
+    """Only the TrainingArguments the user gave, so fit()'s own defaults apply to the rest."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init and f.name in given}
 
 
 def cmd_train(
-    opts: TrainOptions, attach_opts: AttachOptions, fit_opts: FitOptions, training_args: TrainingArguments
+    opts: TrainOptions, attach_opts: AttachOptions, fit_opts: FitOptions, training_args: TrainingArguments,
+    given: set[str],
 ) -> None:
     from .builder import attach
     from .data import load_data, load_splits, pick_split, split_for_eval
+    from .fit import DEFAULT_ARGS
 
     splits = load_splits(opts.train)
     train = pick_split(splits, opts.train, None, ("train",))
@@ -123,10 +130,10 @@ def cmd_train(
     model = attach(opts.vision, opts.llm, **dataclasses.asdict(attach_opts))
     if not os.path.exists(opts.train):
         model.config.dataset = opts.train  # a Hub dataset id, named in the model card
-    result = model.fit(
-        train, evaluation, **dataclasses.asdict(fit_opts), **_changed_training_args(training_args)
-    )
-    adapter_dir = model.save_pretrained(os.path.join(training_args.output_dir, "adapter"), with_app=opts.with_app)
+    chosen = _given_training_args(training_args, given)
+    result = model.fit(train, evaluation, **dataclasses.asdict(fit_opts), **chosen)
+    output_dir = chosen.get("output_dir", DEFAULT_ARGS["output_dir"])
+    adapter_dir = model.save_pretrained(os.path.join(output_dir, "adapter"), with_app=opts.with_app)
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, indent=2))
     print(f"adapter saved to {adapter_dir}")
     if opts.push_to_hub_id:
@@ -262,13 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = HfArgumentParser(classes, prog=f"vlm-adapters {command}", description=description)
     fix_flags(parser, classes)
     rest = argv[1:]
-    if len(rest) == 1 and rest[0].endswith((".yaml", ".yml")):
-        options = parser.parse_yaml_file(rest[0])
-    elif len(rest) == 1 and rest[0].endswith(".json"):
-        options = parser.parse_json_file(rest[0])
+    config = None
+    if len(rest) == 1 and rest[0].endswith((".yaml", ".yml", ".json")):
+        with open(rest[0], encoding="utf-8") as fh:
+            config = yaml.safe_load(fh)  # JSON is YAML
+        options = parser.parse_dict(config)
     else:
         options = parser.parse_args_into_dataclasses(rest)
-    run(*options)
+    run(*options, **({"given": given_names(rest, config)} if TrainingArguments in classes else {}))
     return 0
 
 
