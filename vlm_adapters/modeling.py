@@ -17,6 +17,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import AdapterConfig
+from .generation import TextGenerationMixin
 from .inference import InferenceMixin
 from .packing import PackedBatch
 from .projector import Projector
@@ -33,7 +34,7 @@ def context_length(llm: PreTrainedModel) -> int:
     return 2048
 
 
-class VisionLanguageCore(InferenceMixin, nn.Module):
+class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
     """The parts and the math. Trainable: `projector` and the PEFT adapter inside `llm`."""
 
     # The loss is a per-batch mean; tells the Trainer not to pass num_items_in_batch or rescale it.
