@@ -103,3 +103,28 @@ def test_fit_and_evaluate_accept_cached_features_formatted_as_torch(tmp_path, ll
     assert isinstance(formatted[0]["label"], torch.Tensor)
     model.fit(formatted, output_dir=str(tmp_path / "run"), max_steps=2, save_strategy="no", disable_tqdm=True)
     assert model.evaluate(formatted)["accuracy"] == model.evaluate(plain)["accuracy"]
+
+
+def test_label_rows_and_answer_rows_mix_and_bad_rows_are_named():
+    from vlm_adapters.data import as_dataset, image_counts, label_names, row_kinds
+
+    rng = np.random.default_rng(5)
+    red, blue = colour_image("red", rng), colour_image("blue", rng)
+    mixed = as_dataset([
+        {"image": red, "label": "red", "answer": None},
+        {"images": [red, blue], "label": None, "answer": "red, then blue", "prompt": "Name both colours."},
+        {"image": blue, "label": "blue", "answer": None},
+    ])
+    assert row_kinds(mixed) == ["label", "answer", "label"] and label_names(mixed) == ["blue", "red"]
+    assert image_counts(mixed) == [1, 2, 1]
+    problems = [
+        ([{"image": red, "label": "red", "answer": "a red square"}], "row 0 has both a 'label' and an 'answer'"),
+        ([{"image": red, "label": "red"}, {"image": red, "answer": None}], "row 1 has neither"),
+        ([{"image": red, "answer": "x"}, {"image": red, "answer": None}], "row 1 has no 'answer'"),
+        ([{"image": red, "images": [red], "label": "red"}], "row 0 has both 'image' and 'images'"),
+        ([{"images": [red], "label": "red"}, {"images": [], "label": "red"}], "row 1 has an empty 'images' list"),
+        ([{"image": red, "label": "red"}, {"images": None, "label": "red"}], "row 1 has neither 'image'"),
+    ]
+    for rows, message in problems:
+        with pytest.raises(ValueError, match=message):
+            as_dataset(rows)

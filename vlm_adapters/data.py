@@ -31,7 +31,10 @@ def as_dataset(data: Any, what: str = "dataset") -> datasets.Dataset:
             raise ValueError(f"{what} is empty; it needs at least one example.")
         if not all(isinstance(row, dict) for row in data):
             raise ValueError(f"{what} must be a list of dicts with 'image' and 'label' or 'answer' keys.")
-        data = datasets.Dataset.from_list([_string_safe(row) for row in data])
+        # from_list takes its columns from the first row; rows of different kinds (label / answer,
+        # image / images) have different keys, so every row gets every key (None where it has none).
+        keys = list(dict.fromkeys(key for row in data for key in row))
+        data = datasets.Dataset.from_list([_string_safe({key: row.get(key) for key in keys}) for row in data])
     if not isinstance(data, datasets.Dataset):
         raise TypeError(f"{what} must be a datasets.Dataset or a list of dicts, got {type(data).__name__}.")
     if len(data) == 0:
@@ -79,7 +82,7 @@ def _check_images(data: datasets.Dataset, what: str) -> None:
     """Each row has its image(s) in exactly one of 'image' and 'images', and no empty list."""
     if "images" not in data.column_names:
         return
-    lengths = pc.fill_null(pc.list_value_length(_column(data, "images")), 0)
+    lengths = _lengths(_column(data, "images"))
     if (row := _first(pc.and_(pc.equal(lengths, 0), pc.invert(pc.is_null(_column(data, "images")))))) is not None:
         raise ValueError(f"{what}: row {row} has an empty 'images' list; give every row at least one image.")
     if "image" in data.column_names:
@@ -89,6 +92,15 @@ def _check_images(data: datasets.Dataset, what: str) -> None:
                               (pc.invert(pc.or_(single, many)), "neither 'image' nor 'images'")):
             if (row := _first(mask)) is not None:
                 raise ValueError(f"{what}: row {row} has {problem}; give each row one of them (the other None).")
+
+
+def _lengths(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Length of each list in a column (0 for a null row; a column of nulls only has type null)."""
+    if isinstance(column.type, pa.ExtensionType):  # datasets' ArrayXD: the list sits in the storage
+        column = pa.chunked_array([chunk.storage for chunk in column.chunks], column.type.storage_type)
+    if pa.types.is_null(column.type):
+        return pa.chunked_array([pa.array([0] * len(column), pa.int32())])
+    return pc.fill_null(pc.list_value_length(column), 0)
 
 
 def row_images(example: dict[str, Any]) -> list[Any]:
@@ -102,10 +114,7 @@ def image_counts(data: datasets.Dataset) -> list[int]:
     name = FEATURES_COLUMN if FEATURES_COLUMN in data.column_names else "images"
     if name not in data.column_names or isinstance(data.features[name], datasets.Array2D):
         return [1] * len(data)
-    column = _column(data, name)
-    if isinstance(column.type, pa.ExtensionType):  # datasets' ArrayXD: the list sits in the storage
-        column = pa.chunked_array([chunk.storage for chunk in column.chunks], column.type.storage_type)
-    return [n or 1 for n in pc.list_value_length(column).to_pylist()]  # null 'images': the row's one 'image'
+    return [n or 1 for n in _lengths(_column(data, name)).to_pylist()]  # null 'images': the row's one 'image'
 
 
 def _string_safe(row: dict[str, Any]) -> dict[str, Any]:
