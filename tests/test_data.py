@@ -1,4 +1,20 @@
-"""Data in the shapes users keep it, offline metrics, and the pictures and logs a run leaves behind."""
+"""Data in the shapes users keep it, offline metrics, and the pictures and logs a run leaves behind.
+
+What each test proves:
+- csv_and_jsonl_with_relative_image_paths: CSV / JSON Lines files with image paths relative to the file load as
+  images.
+- imagefolder_and_saved_dataset: an imagefolder gets sorted class names; a save_to_disk folder loads; a missing split
+  is named.
+- stratified_split_keeps_every_class_in_both_parts: the held-out part has every class in proportion; string labels
+  become a ClassLabel.
+- offline_metrics: accuracy, per-class precision / recall / F1, macro-F1, confusion matrix, exact match, BLEU and
+  ROUGE-L by hand.
+- classification_metrics_weight_f1_by_class_support: weighted F1 weighs each class's F1 by its support (unequal
+  classes).
+- fit_leaves_curves_confusion_matrix_and_tensorboard_logs: a run leaves both PNGs and TensorBoard event files.
+- fit_and_evaluate_accept_cached_features_formatted_as_torch: cached features formatted as torch train and evaluate as
+  plain ones.
+"""
 
 from __future__ import annotations
 
@@ -77,6 +93,15 @@ def test_offline_metrics():
     assert same == {"exact_match": 1.0, "bleu": pytest.approx(100.0), "rougeL": pytest.approx(1.0)}
     other = text_metrics(["a red square on grey"], ["a blue circle"])
     assert other["exact_match"] == 0.0 and other["bleu"] < 20 and 0 < other["rougeL"] < 0.5
+
+
+def test_classification_metrics_weight_f1_by_class_support():
+    metrics = classification_metrics([0, 0, 0, 1], [0, 0, 1, 1], ["a", "b"])
+    # class a: precision 1, recall 2/3, F1 0.8 (3 rows); class b: precision 1/2, recall 1, F1 2/3 (1 row)
+    assert metrics["accuracy"] == pytest.approx(0.75)
+    assert metrics["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert metrics["weighted_f1"] == pytest.approx((3 * 0.8 + 2 / 3) / 4)
+    assert metrics["confusion_matrix"] == [[2, 1], [0, 1]]
 
 
 def test_fit_leaves_curves_confusion_matrix_and_tensorboard_logs(tmp_path, llm_dir, vit_dir, colours):

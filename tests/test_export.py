@@ -1,4 +1,15 @@
-"""`merge_and_export`: transformers alone loads the Llava checkpoint and computes the same logits."""
+"""`merge_and_export`: transformers alone loads the Llava checkpoint and computes the same logits.
+
+What each test proves:
+- llava_export_gives_the_same_logits: for CLIP and SigLIP, LlavaForConditionalGeneration gives our logits; its
+  processor expands one `<image>` into one token per patch and runs end to end.
+- nf4_lora_is_merged_into_full_precision_weights: an NF4-trained LoRA exports into float32 weights equal to the same
+  adapter on the float32 base, not the NF4-rounded model.
+- unsupported_models_fail_clearly: options Llava cannot express (projector norm, prefix, linear, pooling) name the fix
+  and write nothing.
+- non_vit_encoders_are_refused: a ViT encoder (not CLIP / SigLIP) is refused by name.
+- projector_norm_is_validated: a non-boolean projector_norm is refused.
+"""
 
 from __future__ import annotations
 

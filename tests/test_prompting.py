@@ -1,4 +1,17 @@
-"""Prompts through the LLM's own chat template; fallbacks and clear errors."""
+"""Prompts through the LLM's own chat template; fallbacks and clear errors.
+
+What each test proves:
+- prompt_uses_the_chat_template_with_image_placeholders: system + user turn with one run of image placeholders; only
+  the answer and end of turn are supervised.
+- llm_without_chat_template_or_pad_token_uses_plain_template: a GPT-2 style LLM gets the plain template and EOS
+  padding, and classifies and describes.
+- prompt_too_long_is_an_error_never_a_truncation: a prompt over the context is refused; image tokens are never cut.
+- classify_rejects_empty_or_duplicate_labels: empty or repeated labels are refused.
+- cuda_device_on_a_cpu_machine_is_a_clear_error: device="cuda" without a GPU names the fix.
+- bad_attach_options_name_the_field: unknown projector / adapter / quantization values name the field.
+- image_position_and_configs_saved_before_the_option: the question comes before the image by default, after it with
+  image_first; configs saved before the option load with the image first.
+"""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
+# public name -> the module that defines it (no module shares a public name: an imported submodule
+# would shadow it as an attribute of the package)
 _EXPORTS = {
     "AdapterConfig": "config",
     "AttachOptions": "config",
@@ -21,8 +22,8 @@ _EXPORTS = {
     "PromptTooLongError": "prompting",
     "VLMCollator": "collator",
     "VisionLanguageModel": "model",
-    "attach": "attach",
-    "load": "attach",
+    "attach": "builder",
+    "load": "builder",
     "load_data": "data",
     "load_image": "images",
     "merge_and_export": "export",
@@ -32,7 +33,7 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
-    from .attach import attach, load
+    from .builder import attach, load
     from .collator import VLMCollator
     from .config import AdapterConfig, AttachOptions, FitOptions
     from .data import load_data, split_for_eval

@@ -86,7 +86,7 @@ def _changed_training_args(args: TrainingArguments) -> dict[str, Any]:
 def cmd_train(
     opts: TrainOptions, attach_opts: AttachOptions, fit_opts: FitOptions, training_args: TrainingArguments
 ) -> None:
-    from .attach import attach
+    from .builder import attach
     from .data import load_data, split_for_eval
 
     train = load_data(opts.train)
@@ -107,7 +107,7 @@ def cmd_train(
 
 
 def cmd_evaluate(opts: EvaluateOptions) -> None:
-    from .attach import load
+    from .builder import load
     from .data import load_data
 
     metrics = load(opts.adapter).evaluate(load_data(opts.data, split=opts.split), output_dir=opts.output_dir)
@@ -127,7 +127,7 @@ def image_paths(pattern: str) -> list[str]:
 
 
 def cmd_predict(opts: PredictOptions) -> None:
-    from .attach import load
+    from .builder import load
 
     model = load(opts.adapter)
     labels = opts.labels.split(",") if opts.labels else model.config.labels

@@ -20,15 +20,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import FEATURES_COLUMN, image_counts, row_images
+from .files import default_cache_dir
 from .images import ImageLoadError, load_image
 from .vision import VisionTower
 
 __all__ = ["FEATURES_COLUMN", "features_as_tensors", "image_digest", "with_image_features"]
 IMAGE_COLUMNS = ("image", "images")
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("VLM_ADAPTERS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vlm_adapters"))
 
 
 def vision_fingerprint(vision: VisionTower) -> str:

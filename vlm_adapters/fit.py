@@ -99,8 +99,9 @@ def _with_describe_rows(train: datasets.Dataset, ratio: float, seed: int) -> dat
 
 
 def _eval_args(args: dict[str, Any], options: FitOptions, has_labels: bool) -> list[Any]:
-    """Evaluate as often as checkpoints are saved; early stopping on eval accuracy (loss for text)."""
-    args.setdefault("eval_strategy", args["save_strategy"])
+    """Evaluate as often as checkpoints are saved (or every `eval_steps`); early stopping on eval
+    accuracy (loss for text)."""
+    args.setdefault("eval_strategy", "steps" if "eval_steps" in args else args["save_strategy"])
     if args.get("save_strategy") == "steps":
         args.setdefault("eval_steps", args.get("save_steps"))
     if not options.early_stopping_patience:
@@ -144,7 +145,8 @@ def fit(
     """Train the projector and adapter; returns the Trainer's training metrics plus final eval metrics.
 
     `options` are `FitOptions` fields (`projector_lr`, `align_epochs`, `describe_ratio`, ...) and
-    `TrainingArguments` names (`output_dir`, `num_train_epochs`, `learning_rate`, `save_steps`, ...).
+    `TrainingArguments` names (`output_dir`, `num_train_epochs`, `learning_rate`, `save_steps`, ...);
+    `save_steps` / `eval_steps` without a strategy mean "steps", as in transformers.
     """
     fit_options, training_args = split_options(options)
     train_ds = as_dataset(train, "train dataset")
@@ -154,6 +156,8 @@ def fit(
         _check_classes(train_ds, names)
         model.config.labels = names
     args = {**DEFAULT_ARGS, **training_args}
+    if "save_steps" in training_args and "save_strategy" not in training_args:
+        args["save_strategy"] = "steps"  # what save_steps means in transformers, whose default strategy is steps
     args.update(remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"])
     # On a CPU model, accelerate sets up multi-process (torchrun) training only when told use_cpu.
     args.setdefault("use_cpu", model.device.type == "cpu")
@@ -168,7 +172,8 @@ def fit(
     ratio = (0.25 if label_only else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
     train_ds = features_as_tensors(_with_describe_rows(train_ds, ratio, args["seed"]))
     callbacks = list(callbacks or []) + (_eval_args(args, fit_options, bool(names)) if eval_ds is not None else [])
-    if model.config.adapter == "prefix" and args.get("gradient_checkpointing"):
+    checkpointing = args.get("gradient_checkpointing") or args.get("activation_checkpointing")
+    if model.config.adapter == "prefix" and checkpointing:
         raise ValueError(
             "PEFT prefix tuning does not support gradient checkpointing; set gradient_checkpointing=False."
         )

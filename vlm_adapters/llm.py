@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import time
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_m
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from .compute_dtype import cpu_compute_dtype
 from .config import AdapterConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,31 +41,15 @@ def native_compute_dtype(device: torch.device) -> str:
     """The faster of bfloat16 and float32 on `device`; NF4 weights are dequantized to it.
 
     CUDA: bfloat16 where supported. CPU: AVX512-BF16 alone does not make bf16 faster (some CPUs
-    with it run fp32 matmuls faster, others bf16; docs/benchmarks.md), so the two are timed on a
-    matmul of LLM shapes and bf16 is taken only when it is clearly faster. `attach` writes the
-    result into the saved config, so a reload computes the same way.
+    with it run fp32 matmuls faster, others bf16; docs/benchmarks.md), so the two are timed, once
+    per machine (`compute_dtype.py`). `attach` writes the result into the saved config, so a reload
+    computes the same way.
     """
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     if device.type != "cpu":
         return "float32"
-    return faster_dtype(_matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16))
-
-
-def faster_dtype(fp32_seconds: float, bf16_seconds: float) -> str:
-    """bfloat16 only when it is clearly (>= 1.25x) faster: fp32 is the more exact of the two."""
-    return "bfloat16" if bf16_seconds < 0.8 * fp32_seconds else "float32"
-
-
-def _matmul_seconds(dtype: torch.dtype, tokens: int = 256, width: int = 1024) -> float:
-    """Best of 3 timings of a [tokens, width] x [width, width] matmul (after one warm-up)."""
-    x, w = torch.ones(tokens, width, dtype=dtype), torch.ones(width, width, dtype=dtype)
-    times = []
-    for _ in range(4):
-        start = time.perf_counter()
-        x @ w.T
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+    return cpu_compute_dtype()
 
 
 def quantization_config(config: AdapterConfig) -> BitsAndBytesConfig | None:

@@ -95,6 +95,16 @@ class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
         for param in self.adapter_parameters:
             param.requires_grad_(stage == "finetune")
 
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """What the Trainer calls for `gradient_checkpointing=True`: the LLM's layers recompute their
+        activations in the backward. Non-reentrant by default, since the frozen base has no gradients
+        of its own for the reentrant variant to follow."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.base_llm.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+
     def image_embeddings(
         self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
     ) -> torch.Tensor:
