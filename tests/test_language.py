@@ -191,6 +191,8 @@ def test_generation_options(llm_dir, vit_dir, images, adapter):
         model.describe(images[:3], ["a", "b"])
     with pytest.raises(ValueError, match="needs a question"):
         model.answer(images[0], "")
+    with pytest.raises(TypeError, match="pass max_new_tokens and the other options by name"):
+        model.generate_from_features(model.vision.encode_images(images[:1]), prompt, 8)
 
 
 def test_each_distinct_image_is_encoded_once(tmp_path, llm_dir, vit_dir):

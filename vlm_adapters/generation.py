@@ -37,6 +37,11 @@ def resolve_generation_config(
 ) -> GenerationConfig:
     """`base` (a copy; greedy with 48 new tokens when None) with the options that are not None on top,
     as `generate(generation_config=..., **kwargs)` merges them. `stop` becomes `stop_strings`."""
+    if base is not None and not isinstance(base, GenerationConfig):
+        raise TypeError(
+            f"generation_config must be a transformers.GenerationConfig, got {type(base).__name__}; pass "
+            "max_new_tokens and the other options by name."
+        )
     config = copy.deepcopy(base) if base is not None else GenerationConfig(
         max_new_tokens=DEFAULT_MAX_NEW_TOKENS, do_sample=False, num_beams=1
     )
