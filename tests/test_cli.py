@@ -40,8 +40,8 @@ from conftest import COLOURS, colour_image, uploaded_files
 
 from vlm_adapters import attach, load
 from vlm_adapters.cli import COMMANDS, main
-from vlm_adapters.data import load_data
 from vlm_adapters.demo.assets import FASHION_MNIST_LABELS, FASHION_MNIST_ROOT
+from vlm_adapters.sources import load_data
 
 REPO = Path(__file__).resolve().parents[1]
 

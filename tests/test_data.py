@@ -141,8 +141,8 @@ def _folder(root, layout: dict[str, int], rng) -> None:
 def test_split_folders_are_found_share_class_indices_and_keep_dicom(tmp_path):
     import pydicom
 
-    from vlm_adapters.data import load_splits
     from vlm_adapters.images import load_image
+    from vlm_adapters.sources import load_splits
 
     rng = np.random.default_rng(5)
     _folder(tmp_path, {"train/red": 3, "train/green": 2, "train/blue": 2, "Test/red": 1, "Test/blue": 2,
@@ -171,7 +171,7 @@ def test_split_folders_are_found_share_class_indices_and_keep_dicom(tmp_path):
 
 
 def test_image_folder_mistakes_are_named_and_changed_files_are_seen(tmp_path):
-    from vlm_adapters.data import load_splits
+    from vlm_adapters.sources import load_splits
 
     rng = np.random.default_rng(6)
     colour_image("red", rng).save(tmp_path / "loose.png")
@@ -197,7 +197,7 @@ def test_a_folder_with_metadata_keeps_its_answers(tmp_path):
 
 
 def test_label_map_renames_merges_and_names_unknown_labels(tmp_path):
-    from vlm_adapters.data import read_label_map, rename_labels
+    from vlm_adapters.sources import read_label_map, rename_labels
 
     data = colour_dataset(2)  # red, green, blue as a ClassLabel
     renamed = rename_labels(data, {"red": "warm", "green": "cool", "blue": "cool"})
@@ -213,3 +213,28 @@ def test_label_map_renames_merges_and_names_unknown_labels(tmp_path):
     (tmp_path / "list.json").write_text('["red"]')
     with pytest.raises(ValueError, match="must hold a JSON object of label -> new label"):
         read_label_map(str(tmp_path / "list.json"))
+
+
+def test_label_rows_and_answer_rows_mix_and_bad_rows_are_named():
+    from vlm_adapters.data import as_dataset, image_counts, label_names, row_kinds
+
+    rng = np.random.default_rng(5)
+    red, blue = colour_image("red", rng), colour_image("blue", rng)
+    mixed = as_dataset([
+        {"image": red, "label": "red", "answer": None},
+        {"images": [red, blue], "label": None, "answer": "red, then blue", "prompt": "Name both colours."},
+        {"image": blue, "label": "blue", "answer": None},
+    ])
+    assert row_kinds(mixed) == ["label", "answer", "label"] and label_names(mixed) == ["blue", "red"]
+    assert image_counts(mixed) == [1, 2, 1]
+    problems = [
+        ([{"image": red, "label": "red", "answer": "a red square"}], "row 0 has both a 'label' and an 'answer'"),
+        ([{"image": red, "label": "red"}, {"image": red, "answer": None}], "row 1 has neither"),
+        ([{"image": red, "answer": "x"}, {"image": red, "answer": None}], "row 1 has no 'answer'"),
+        ([{"image": red, "images": [red], "label": "red"}], "row 0 has both 'image' and 'images'"),
+        ([{"images": [red], "label": "red"}, {"images": [], "label": "red"}], "row 1 has an empty 'images' list"),
+        ([{"image": red, "label": "red"}, {"images": None, "label": "red"}], "row 1 has neither 'image'"),
+    ]
+    for rows, message in problems:
+        with pytest.raises(ValueError, match=message):
+            as_dataset(rows)

@@ -32,7 +32,7 @@ _EXPORTS = {
     "VisionLanguageModel": "model",
     "attach": "builder",
     "load": "builder",
-    "load_data": "data",
+    "load_data": "sources",
     "load_image": "images",
     "merge_and_export": "export",
     "split_for_eval": "data",
@@ -44,12 +44,13 @@ if TYPE_CHECKING:
     from .builder import attach, load
     from .collator import VLMCollator
     from .config import AdapterConfig, AttachOptions, FitOptions
-    from .data import load_data, split_for_eval
+    from .data import split_for_eval
     from .export import merge_and_export
     from .hub import AdapterLoadError
     from .images import ImageLoadError, load_image
     from .model import VisionLanguageModel
     from .prompting import PromptTooLongError
+    from .sources import load_data
 
 
 def __getattr__(name: str) -> Any:

@@ -115,8 +115,9 @@ def cmd_train(
     given: set[str],
 ) -> None:
     from .builder import attach
-    from .data import load_data, load_splits, pick_split, split_for_eval
+    from .data import split_for_eval
     from .fit import DEFAULT_ARGS
+    from .sources import load_data, load_splits, pick_split
 
     splits = load_splits(opts.train)
     train = pick_split(splits, opts.train, None, ("train",))
@@ -141,13 +142,13 @@ def cmd_train(
 
 
 def with_label_map(data: Any, label_map: str | None) -> Any:
-    from .data import read_label_map, rename_labels
+    from .sources import read_label_map, rename_labels
 
     return rename_labels(data, read_label_map(label_map)) if label_map else data
 
 
 def load_data_for(source: str, split: str | None, prefer: Sequence[str], label_map: str | None) -> Any:
-    from .data import load_data
+    from .sources import load_data
 
     return with_label_map(load_data(source, split, prefer), label_map)
 

@@ -1,21 +1,24 @@
-"""Datasets in: loading them from where users keep them, and checking them before training.
+"""Datasets checked before training: row kinds, images per row, label names.
 
-Examples are rows with an `image` (or cached `image_features`) plus either `label` (class index
-with a ClassLabel feature, or a string) or `answer` (free text, with an optional `prompt`).
+Examples are rows with an `image`, or `images` (a list: several views in one row), or cached
+`image_features`, plus either `label` (class index with a ClassLabel feature, or a string) or
+`answer` (free text), and an optional `prompt`. One dataset may mix label rows and answer rows
+(both columns present, one of them null in each row), as captions + questions + class labels come.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from .features import FEATURES_COLUMN
+# Cached encoder output (`features.py`): [tokens, hidden] per 'image' row, [images, tokens, hidden] per 'images' row.
+FEATURES_COLUMN = "image_features"
 
 
 def as_dataset(data: Any, what: str = "dataset") -> datasets.Dataset:
@@ -27,17 +30,90 @@ def as_dataset(data: Any, what: str = "dataset") -> datasets.Dataset:
             raise ValueError(f"{what} is empty; it needs at least one example.")
         if not all(isinstance(row, dict) for row in data):
             raise ValueError(f"{what} must be a list of dicts with 'image' and 'label' or 'answer' keys.")
-        data = datasets.Dataset.from_list([_string_safe(row) for row in data])
+        # from_list takes its columns from the first row; rows of different kinds (label / answer,
+        # image / images) have different keys, so every row gets every key (None where it has none).
+        keys = list(dict.fromkeys(key for row in data for key in row))
+        data = datasets.Dataset.from_list([_string_safe({key: row.get(key) for key in keys}) for row in data])
     if not isinstance(data, datasets.Dataset):
         raise TypeError(f"{what} must be a datasets.Dataset or a list of dicts, got {type(data).__name__}.")
     if len(data) == 0:
         raise ValueError(f"{what} is empty; it needs at least one example.")
     columns = set(data.column_names)
-    if not columns & {"image", FEATURES_COLUMN}:
-        raise ValueError(f"{what} has columns {sorted(columns)} but needs an 'image' column.")
+    if not columns & {"image", "images", FEATURES_COLUMN}:
+        raise ValueError(f"{what} has columns {sorted(columns)} but needs an 'image' column (or 'images', a list).")
     if not columns & {"label", "answer"}:
         raise ValueError(f"{what} has columns {sorted(columns)} but needs 'label' (classes) or 'answer' (free text).")
+    row_kinds(data, what)
+    if FEATURES_COLUMN not in columns:
+        _check_images(data, what)
     return data
+
+
+def _column(data: datasets.Dataset, name: str) -> pa.ChunkedArray:
+    """One column as Arrow (the dataset's own row order, nothing decoded): checks cost no image decoding."""
+    return data.select_columns([name]).with_format("arrow")[:][name]
+
+
+def _first(mask: pa.ChunkedArray) -> int | None:
+    rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+    return int(rows[0]) if len(rows) else None
+
+
+def row_kinds(data: datasets.Dataset, what: str = "dataset") -> list[str]:
+    """'label' or 'answer' for each row; a row with both or neither is an error naming it."""
+    names = [name for name in ("label", "answer") if name in data.column_names]
+    has = {name: pc.invert(pc.is_null(_column(data, name))) for name in names}
+    if len(has) == 1:
+        (name, present), = has.items()
+        if (row := _first(pc.invert(present))) is not None:
+            raise ValueError(f"{what}: row {row} has no {name!r}; every row needs one.")
+        return [name] * len(data)
+    both, neither = pc.and_(has["label"], has["answer"]), pc.invert(pc.or_(has["label"], has["answer"]))
+    for mask, problem in ((both, "both a 'label' and an 'answer'"), (neither, "neither a 'label' nor an 'answer'")):
+        if (row := _first(mask)) is not None:
+            raise ValueError(
+                f"{what}: row {row} has {problem}; a row is a label row or an answer row (set the other to None)."
+            )
+    return ["label" if flag else "answer" for flag in has["label"].to_pylist()]
+
+
+def _check_images(data: datasets.Dataset, what: str) -> None:
+    """Each row has its image(s) in exactly one of 'image' and 'images', and no empty list."""
+    if "images" not in data.column_names:
+        return
+    lengths = _lengths(_column(data, "images"))
+    if (row := _first(pc.and_(pc.equal(lengths, 0), pc.invert(pc.is_null(_column(data, "images")))))) is not None:
+        raise ValueError(f"{what}: row {row} has an empty 'images' list; give every row at least one image.")
+    if "image" in data.column_names:
+        single = pc.invert(pc.is_null(_column(data, "image")))
+        many = pc.greater(lengths, 0)
+        for mask, problem in ((pc.and_(single, many), "both 'image' and 'images'"),
+                              (pc.invert(pc.or_(single, many)), "neither 'image' nor 'images'")):
+            if (row := _first(mask)) is not None:
+                raise ValueError(f"{what}: row {row} has {problem}; give each row one of them (the other None).")
+
+
+def _lengths(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Length of each list in a column (0 for a null row; a column of nulls only has type null)."""
+    if isinstance(column.type, pa.ExtensionType):  # datasets' ArrayXD: the list sits in the storage
+        column = pa.chunked_array([chunk.storage for chunk in column.chunks], column.type.storage_type)
+    if pa.types.is_null(column.type):
+        return pa.chunked_array([pa.array([0] * len(column), pa.int32())])
+    return pc.fill_null(pc.list_value_length(column), 0)
+
+
+def row_images(example: dict[str, Any]) -> list[Any]:
+    """The images of one row, in order: its 'images' list, else its one 'image'."""
+    many = example.get("images")
+    return list(many) if many is not None else [example["image"]]
+
+
+def image_counts(data: datasets.Dataset) -> list[int]:
+    """How many images each row holds (from Arrow list lengths: nothing decoded)."""
+    name = FEATURES_COLUMN if FEATURES_COLUMN in data.column_names else "images"
+    if name not in data.column_names or isinstance(data.features[name], datasets.Array2D):
+        return [1] * len(data)
+    return [n or 1 for n in _lengths(_column(data, name)).to_pylist()]  # null 'images': the row's one 'image'
 
 
 def _string_safe(row: dict[str, Any]) -> dict[str, Any]:
@@ -53,14 +129,17 @@ def _string_safe(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def label_names(data: datasets.Dataset) -> list[str] | None:
-    """Class names from a ClassLabel feature or the sorted set of string labels; None for free text."""
+    """Class names from a ClassLabel feature or the sorted set of string labels (answer rows' null
+    labels left out); None for free text."""
     if "label" not in data.column_names:
         return None
     feature = data.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-        return sorted(set(data["label"]))
+        return sorted(set(_column(data, "label").drop_null().to_pylist())) or None
+    if isinstance(feature, datasets.Value) and feature.dtype == "null":  # every row is an answer row
+        return None
     raise ValueError(
         f"the 'label' column has type {feature}; labels must be strings or a ClassLabel. For integer labels, "
         "name the classes: data = data.cast_column('label', datasets.ClassLabel(names=[...]))."
@@ -72,147 +151,6 @@ def label_text(label: Any, names: Sequence[str] | None) -> str:
         label = label.item()
     return names[label] if isinstance(label, (int, np.integer)) and names else str(label)
 
-
-# Sub-folder names read as splits of an image folder (any case), as the Hub names them.
-SPLIT_FOLDERS = {"train": "train", "training": "train", "test": "test", "testing": "test", "validation": "validation",
-                 "valid": "validation", "val": "validation", "dev": "validation"}
-METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
-EXAMPLE_MAP = '{"PNEUMONIA": "pneumonia", "NORMAL": "normal"}'
-
-
-def load_data(source: str, split: str | None = None, prefer: Sequence[str] = ("train",)) -> datasets.Dataset:
-    """A dataset from where users keep one: an image folder (class sub-folders, optionally inside
-    train/ test/ validation/ split folders), a CSV / JSON Lines file with an image-path column, a
-    folder written by `save_to_disk`, or a Hub dataset id.
-
-    `split` names the split to take; without it a single-split source gives its one split and a
-    split source the first of `prefer` it has (e.g. `("test", "validation")` for an evaluation)."""
-    return pick_split(load_splits(source), source, split, prefer)
-
-
-def load_splits(source: str) -> dict[str, datasets.Dataset]:
-    """Every split of `source` by name; a source without splits (a flat class folder, a CSV file, a
-    saved Dataset) is one split named 'train', as datasets' own loaders name it."""
-    if os.path.isdir(source):
-        if any(os.path.exists(os.path.join(source, name)) for name in ("dataset_info.json", "state.json")):
-            loaded = datasets.load_from_disk(source)
-            return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-        if _has_metadata(source):  # captions / answers beside the images: datasets' builder reads those
-            return dict(datasets.load_dataset("imagefolder", data_dir=source))
-        return image_folder_splits(source)
-    if source.endswith((".csv", ".json", ".jsonl")):
-        builder = "csv" if source.endswith(".csv") else "json"
-        data = datasets.load_dataset(builder, data_files=source, split="train")
-        root = os.path.dirname(os.path.abspath(source))
-        if "image" in data.column_names:  # image paths are relative to the file
-            data = data.map(lambda row: {"image": os.path.join(root, row["image"])})
-            data = data.cast_column("image", datasets.Image())
-        return {"train": data}
-    return dict(datasets.load_dataset(source))
-
-
-def pick_split(
-    splits: dict[str, datasets.Dataset], source: str, split: str | None, prefer: Sequence[str]
-) -> datasets.Dataset:
-    if split is not None:
-        if split not in splits:
-            raise ValueError(f"{source} has splits {list(splits)}, not {split!r}.")
-        return splits[split]
-    if len(splits) == 1:
-        return next(iter(splits.values()))
-    for name in prefer:
-        if name in splits:
-            return splits[name]
-    raise ValueError(f"{source} has splits {list(splits)} and none of {list(prefer)}; name one with split=.")
-
-
-def _has_metadata(root: str) -> bool:
-    return any(name in METADATA_FILES for _, _, files in os.walk(root) for name in files)
-
-
-def image_folder_splits(root: str) -> dict[str, datasets.Dataset]:
-    """Class folders of images, walked here rather than by datasets' `imagefolder` builder, which
-    skips DICOM: every file `is_image_file` accepts counts. Sub-folders that are all split names
-    (train/ test/ val/ ...) are splits; otherwise they are the classes. Class indices are shared by
-    all splits, and the images stay file paths that `load_image` decodes when they are used."""
-    subfolders = _visible(root, dirs=True)
-    if subfolders and all(name.lower() in SPLIT_FOLDERS for name in subfolders):
-        files = {SPLIT_FOLDERS[name.lower()]: _class_files(os.path.join(root, name)) for name in subfolders}
-    else:
-        files = {"train": _class_files(root)}
-    names = sorted({label for per_split in files.values() for label in per_split})
-    return {split: _paths_dataset(per_split, names) for split, per_split in files.items()}
-
-
-def _visible(folder: str, dirs: bool) -> list[str]:
-    return sorted(
-        name for name in os.listdir(folder)
-        if not name.startswith(".") and os.path.isdir(os.path.join(folder, name)) == dirs
-    )
-
-
-def _class_files(folder: str) -> dict[str, list[str]]:
-    """{class folder name: sorted image paths under it, at any depth}."""
-    from .images import is_image_file, walk_files
-
-    if any(is_image_file(name) for name in _visible(folder, dirs=False)):
-        raise ValueError(
-            f"{folder} holds images directly; put each class's images in a sub-folder named after the class "
-            "(e.g. normal/, pneumonia/)."
-        )
-    found = {}
-    for label in _visible(folder, dirs=True):
-        paths = [path for path in walk_files(os.path.join(folder, label)) if is_image_file(path)]
-        if paths:
-            found[label] = paths
-    if not found:
-        raise ValueError(f"{folder} has no class sub-folders with image files in them.")
-    return found
-
-
-def _paths_dataset(files: dict[str, list[str]], names: list[str]) -> datasets.Dataset:
-    """An `image` column of undecoded paths + a ClassLabel, fingerprinted by path, size and mtime (as
-    datasets fingerprints local data files) so the feature cache sees a file that changed in place."""
-    from datasets.fingerprint import Hasher
-
-    paths = [path for label in files for path in files[label]]
-    labels = [names.index(label) for label in files for _ in files[label]]
-    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=names)})
-    data = datasets.Dataset.from_dict(
-        {"image": [{"path": p, "bytes": None} for p in paths], "label": labels}, features=features
-    )
-    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
-    return datasets.Dataset(data.data, info=data.info, fingerprint=Hasher.hash([stats, names]))
-
-
-def read_label_map(path: str) -> dict[str, str]:
-    """A JSON object {label in the data: label to use}, checked."""
-    with open(path, encoding="utf-8") as fh:
-        try:
-            mapping = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); write an object such as {EXAMPLE_MAP}.") from err
-    if not isinstance(mapping, dict) or not all(isinstance(v, str) and v for v in mapping.values()):
-        raise ValueError(f"{path} must hold a JSON object of label -> new label (non-empty strings).")
-    return mapping
-
-
-def rename_labels(data: datasets.Dataset, mapping: dict[str, str]) -> datasets.Dataset:
-    """Labels renamed by `mapping` (labels it does not name keep theirs; two renamed alike merge)."""
-    names = label_names(data)
-    if names is None:
-        raise ValueError("a label map was given, but the data has no 'label' column to rename.")
-    unknown = sorted(set(mapping) - set(names))
-    if unknown:
-        raise ValueError(f"the label map renames {unknown}, which are not labels of this data: {names}.")
-    if not isinstance(data.features["label"], datasets.ClassLabel):
-        return data.map(lambda row: {"label": mapping.get(row["label"], row["label"])})
-    renamed = [mapping.get(name, name) for name in names]
-    merged = list(dict.fromkeys(renamed))  # first-seen order: the original order when nothing merges
-    lookup = [merged.index(name) for name in renamed]
-    features = data.features.copy()
-    features["label"] = datasets.ClassLabel(names=merged)
-    return data.map(lambda batch: {"label": [lookup[i] for i in batch["label"]]}, batched=True, features=features)
 
 
 def split_for_eval(

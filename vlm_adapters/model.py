@@ -26,7 +26,9 @@ class VisionLanguageModel(VisionLanguageCore):
         return fit(self, train, eval, **options)
 
     def evaluate(self, dataset: Any, **options: Any) -> dict[str, Any]:
-        """Accuracy, macro-F1 and a per-class report for label data; exact match / BLEU / ROUGE-L for text."""
+        """Accuracy, macro-F1 and a per-class report on label rows; exact match / BLEU / ROUGE-L on answer
+        rows (both for a mixed set); options: `batch_size`, `prompt`, `output_dir` and `describe`'s
+        generation options (see `evaluation.evaluate`)."""
         from .evaluation import evaluate
 
         return evaluate(self, dataset, **options)

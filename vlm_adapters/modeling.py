@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import prefix_length, regularization
 from .config import AdapterConfig
+from .generation import TextGenerationMixin
 from .inference import InferenceMixin
 from .packing import PackedBatch
 from .projector import Projector
@@ -41,7 +42,7 @@ def cache_argument(llm: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
 
-class VisionLanguageCore(InferenceMixin, nn.Module):
+class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
     """The parts and the math. Trainable: `projector` and the PEFT adapter inside `llm`."""
 
     # The loss is a per-batch mean; tells the Trainer not to pass num_items_in_batch or rescale it.
