@@ -129,6 +129,37 @@ def save_vision(path: str, family: str = "vit", hidden_size: int = 32) -> str:
     return path
 
 
+def save_image_text(path: str, family: str = "clip") -> str:
+    """A full CLIPModel / SiglipModel checkpoint, text tower included (as openai/clip-vit-base-patch32 and
+    google/siglip-base-patch16-224 are), with its image processor and a tokenizer that ends texts with EOS."""
+    from tokenizers import processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(chat_template=None)
+    tokenizer.eos_token = "<|im_end|>"  # not id 2, which CLIP's text model takes for its legacy pooling
+    eos = tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|im_end|>", special_tokens=[("<|im_end|>", eos)]
+    )
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    vision = dict(common, image_size=32, patch_size=8)
+    text = dict(common, vocab_size=len(tokenizer), max_position_embeddings=64, bos_token_id=eos, eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id)
+    if family == "clip":
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    elif family == "siglip":
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    else:
+        raise ValueError(family)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_session_cache():
     yield

@@ -1,15 +1,19 @@
-"""`evaluate`: classification metrics from every label's probability for label data, text metrics otherwise.
+"""`evaluate`: classification metrics from every label's probability on label rows, text metrics on
+answer rows.
 
-Label data is scored over the adapter's own labels (`config.labels`, set by `fit`): every label's
+Label rows are scored over the adapter's own labels (`config.labels`, set by `fit`): every label's
 log-likelihood in one pass over the label trie (`score_labels`), the calibrated softmax of those
 (`label_probabilities`), the argmax as the prediction. The probabilities give ROC-AUC, PR-AUC,
-calibration error and the abstention curve, which the top label alone cannot.
+calibration error and the abstention curve, which the top label alone cannot. Answer rows are
+answered as `describe` does and scored by exact match / BLEU / ROUGE-L. A dataset may mix both
+kinds; the two sets of metrics are reported side by side. Rows run in batches of the same kind,
+prompt and image count (one token layout), so per-row prompts batch as well as a single one.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import datasets
@@ -17,8 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import as_dataset, label_indices, label_names
-from .features import FEATURES_COLUMN, features_as_tensors
+from .data import FEATURES_COLUMN, as_dataset, image_counts, label_indices, label_names, row_images, row_kinds
+from .features import features_as_tensors
+from .generation import resolve_generation_config
 from .metrics import classification_metrics, module_results, sensitivity_at_specificity, text_metrics
 from .modeling import VisionLanguageCore
 
@@ -26,24 +31,67 @@ CARD_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece")
 PLOTS = ("confusion_matrix_png", "roc_curve_png", "reliability_diagram_png", "coverage_accuracy_png")
 
 
-def _batches(
-    model: VisionLanguageCore, data: datasets.Dataset, batch_size: int, progress: bool
-) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
-    """(encoder features, rows) per batch: cached features where the data has them, else the encoder."""
-    for start in tqdm(range(0, len(data), batch_size), desc="Evaluating", unit="batch", disable=not progress):
-        rows = data[start : start + batch_size]
-        if FEATURES_COLUMN in rows:
-            yield torch.as_tensor(rows[FEATURES_COLUMN]).float(), rows
-        else:
-            yield model.vision.encode_images(rows["image"]), rows
-
-
 def adapter_labels(model: VisionLanguageCore, data: datasets.Dataset) -> list[str]:
     """The adapter's labels; the data's for an adapter that has none (not trained on labels)."""
     return list(model.config.labels) or list(label_names(data) or [])
 
 
+def _groups(data: datasets.Dataset, model: VisionLanguageCore, prompt: str | None, answers: bool) -> dict:
+    """Row indices by (kind, prompt, image count), in dataset order."""
+    kinds = row_kinds(data)
+    prompts = data["prompt"] if "prompt" in data.column_names else [None] * len(data)
+    defaults = {"label": model.config.classify_prompt, "answer": model.config.describe_prompt}
+    groups: dict[tuple[str, str, int], list[int]] = {}
+    for i, (kind, text, count) in enumerate(zip(kinds, prompts, image_counts(data), strict=True)):
+        if kind == "answer" and not answers:
+            continue
+        groups.setdefault((kind, prompt or text or defaults[kind], count), []).append(i)
+    return groups
+
+
+def _features(model: VisionLanguageCore, rows: dict[str, list[Any]], count: int) -> torch.Tensor:
+    """[B, images, tokens, hidden] of a batch of rows with `count` images each (cached or encoded now)."""
+    if FEATURES_COLUMN in rows:
+        cached = [torch.as_tensor(f).float() for f in rows[FEATURES_COLUMN]]
+        return torch.stack([f if f.dim() == 3 else f[None] for f in cached])
+    keys = [k for k in ("image", "images") if k in rows]
+    images = [img for r in range(len(rows[keys[0]])) for img in row_images({k: rows[k][r] for k in keys})]
+    return model.vision.encode_images(images).unflatten(0, (-1, count))
+
+
 @torch.no_grad()
+def _run(
+    model: VisionLanguageCore,
+    data: datasets.Dataset,
+    labels: Sequence[str],
+    *,
+    prompt: str | None,
+    batch_size: int,
+    progress: bool,
+    answers: bool,
+    config: Any = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, str]]:
+    """Every label's log-likelihood ([K]) for each label row, and the generated text for each answer
+    row, by row index."""
+    groups = _groups(data, model, prompt, answers)
+    batches = [(key, rows[s : s + batch_size]) for key, rows in groups.items() for s in range(0, len(rows), batch_size)]
+    scores: dict[int, torch.Tensor] = {}
+    outs: dict[int, str] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with model.reuse_prompt_cache():  # the prompt head once for all batches
+            for (kind, text, count), index in tqdm(batches, desc="Evaluating", unit="batch", disable=not progress):
+                features = _features(model, data[index], count)
+                if kind == "label":
+                    scores.update(zip(index, model.score_labels(features, labels, text).float().cpu()))
+                else:
+                    outs.update(zip(index, model.generate_from_features(features, text, config)))
+    finally:
+        model.train(was_training)
+    return scores, outs
+
+
 def label_scores(
     model: VisionLanguageCore,
     data: datasets.Dataset,
@@ -52,14 +100,11 @@ def label_scores(
     batch_size: int = 16,
     progress: bool = True,
 ) -> torch.Tensor:
-    """[N, K] log-likelihood of each label for each row of `data` (features cached or encoded here)."""
-    data = features_as_tensors(data)
-    prompt = prompt or model.config.classify_prompt
-    out = []
-    with model.reuse_prompt_cache():  # the prompt head once for all batches
-        for features, _ in _batches(model, data, batch_size, progress):
-            out.append(model.score_labels(features, labels, prompt).float().cpu())
-    return torch.cat(out)
+    """[N, K] log-likelihood of each label for each label row of `data`, in row order (answer rows
+    skipped; features cached or encoded here)."""
+    scores, _ = _run(model, features_as_tensors(data), labels, prompt=prompt, batch_size=batch_size,
+                     progress=progress, answers=False)
+    return torch.stack([scores[i] for i in sorted(scores)])
 
 
 def _positive_index(names: Sequence[str], at_specificity: float | None, positive_label: str | None) -> int | None:
@@ -103,30 +148,72 @@ def evaluate(
     batch_size: int = 16,
     prompt: str | None = None,
     output_dir: str | None = None,
-    max_new_tokens: int = 48,
     progress: bool = True,
     metrics: Sequence[Any] = (),
     at_specificity: float | None = None,
     positive_label: str | None = None,
+    answers: bool = True,
+    zero_shot_baseline: bool = False,
+    generation_config: Any = None,
+    **generation: Any,
 ) -> dict[str, Any]:
-    """Classification metrics for label data, text metrics (exact match, BLEU, ROUGE-L) otherwise.
+    """Classification metrics on label rows, exact match / BLEU / ROUGE-L on answer rows (text
+    generated as `describe` does; `generation` takes its options: `max_new_tokens`, `num_beams`,
+    `stop`, ...), side by side for a mixed set.
 
-    Label data: accuracy, balanced accuracy, macro / weighted F1, per-class precision, recall
+    Label rows: accuracy, balanced accuracy, macro / weighted F1, per-class precision, recall
     (= sensitivity), specificity, F1, support, ROC-AUC and PR-AUC; macro one-vs-rest `roc_auc` and
-    `pr_auc`; `ece` (15 bins); the confusion matrix; `coverage_accuracy` (the share of images kept and
+    `pr_auc`; `ece` (15 bins); the confusion matrix; `coverage_accuracy` (the share of rows kept and
     their accuracy for each `abstain_below` threshold 0, 0.05, ..., 1). Scored over the adapter's labels;
     a label it does not know is an error. `at_specificity=0.95` adds `sensitivity_at_specificity`
     for `positive_label` (default: the second of two labels) with the probability threshold that
     reaches it. `metrics` are `evaluate` modules (or paths / names for `evaluate.load`) whose results
-    join the report. With `output_dir`: confusion matrix, ROC, reliability and coverage PNGs there.
+    join the report (computed on the label rows, or on the answer rows of a set without labels).
+    With `output_dir`: confusion matrix, ROC, reliability and coverage PNGs there.
+
+    Each row is asked its own prompt unless `prompt` is given. `answers=False` skips the answer rows
+    (the Trainer's per-evaluation metrics). With `zero_shot_baseline`, `clip_zero_shot_accuracy` is the
+    accuracy of the encoder's own CLIP / SigLIP zero-shot scores (see `zero_shot.py`; needs the full
+    checkpoint and the images).
     """
+    report: dict[str, Any] = {}
+    if zero_shot_baseline:  # first: a model without a text tower fails before the evaluation runs
+        from .zero_shot import zero_shot_accuracy
+
+        report["clip_zero_shot_accuracy"] = zero_shot_accuracy(model, dataset, batch_size)
     data = features_as_tensors(as_dataset(dataset))
-    if "label" not in data.column_names:
-        return _evaluate_text(model, data, batch_size, prompt, max_new_tokens, progress, metrics)
     names = adapter_labels(model, data)
-    true = label_indices(data, names, "the evaluation data")
+    true = label_indices(data, names, "the evaluation data") if "label" in data.column_names else []
     positive = _positive_index(names, at_specificity, positive_label)
-    probs = model.label_probabilities(label_scores(model, data, names, prompt, batch_size, progress)).numpy()
+    config = resolve_generation_config(generation_config, **generation)
+    scores, outs = _run(model, data, names, prompt=prompt, batch_size=batch_size, progress=progress,
+                        answers=answers, config=config)
+    if outs:
+        order = sorted(outs)
+        answer_column = list(data.select_columns(["answer"]).with_format(None)["answer"])  # no image decoded
+        refs, generated = [answer_column[i] for i in order], [outs[i] for i in order]
+        report.update(text_metrics(refs, generated), predictions=generated)
+        if not scores:
+            report.update(module_results(metrics, generated, refs))
+    if scores:
+        order = sorted(scores)
+        probs = model.label_probabilities(torch.stack([scores[i] for i in order])).numpy()
+        report.update(_classification(model, [true[i] for i in order], probs, names, positive, at_specificity,
+                                      metrics, output_dir))
+    return report
+
+
+def _classification(
+    model: VisionLanguageCore,
+    true: list[int],
+    probs: np.ndarray,
+    names: list[str],
+    positive: int | None,
+    at_specificity: float | None,
+    metrics: Sequence[Any],
+    output_dir: str | None,
+) -> dict[str, Any]:
+    """The label rows' report (see `evaluate`); its headline numbers go on the model card."""
     report = classification_metrics(true, probs, names)
     if positive is not None:
         report["sensitivity_at_specificity"] = sensitivity_at_specificity(true, probs, positive, at_specificity, names)
@@ -136,25 +223,3 @@ def evaluate(
     card = {k: report[k] for k in CARD_METRICS if report[k] is not None}
     model.metrics = {**getattr(model, "metrics", {}), **card}
     return report
-
-
-@torch.no_grad()
-def _evaluate_text(
-    model: VisionLanguageCore,
-    data: datasets.Dataset,
-    batch_size: int,
-    prompt: str | None,
-    max_new_tokens: int,
-    progress: bool,
-    metrics: Sequence[Any],
-) -> dict[str, Any]:
-    refs, outs = [], []
-    with model.reuse_prompt_cache():
-        for features, rows in _batches(model, data, batch_size, progress):
-            prompts = rows.get("prompt") or [None] * len(rows["answer"])
-            for i, text in enumerate(prompts):  # prompts may differ per row
-                outs += model.generate_from_features(
-                    features[i : i + 1], prompt or text or model.config.describe_prompt, max_new_tokens
-                )
-            refs += rows["answer"]
-    return {**text_metrics(refs, outs), **module_results(metrics, outs, refs), "predictions": outs}

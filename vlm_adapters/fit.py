@@ -14,6 +14,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 from transformers import EarlyStoppingCallback, TrainingArguments
 
 from .collator import VLMCollator
@@ -48,7 +49,7 @@ DEFAULT_ARGS: dict[str, Any] = {
 def _check_classes(data: datasets.Dataset, names: list[str]) -> None:
     feature = data.features.get("label")
     if isinstance(feature, datasets.ClassLabel):
-        present = {int(label) for label in data.with_format(None)["label"]}
+        present = {int(label) for label in data.with_format(None)["label"] if label is not None}
         empty = [name for i, name in enumerate(names) if i not in present]
         if empty:
             raise ValueError(
@@ -84,8 +85,9 @@ def _set_feature_statistics(model: VisionLanguageCore, train: datasets.Dataset) 
     # 1024 rows spread over the whole set (tens of thousands of tokens) pin down the statistics.
     picked = np.linspace(0, len(train) - 1, min(len(train), 1024)).round().astype(int)
     rows = train.select(np.unique(picked)).with_format("torch", columns=[FEATURES_COLUMN])
-    model.projector.set_feature_statistics(
-        rows[start : start + 256][FEATURES_COLUMN].to(model.device) for start in range(0, len(rows), 256)
+    model.projector.set_feature_statistics(  # rows of several images come as a list of [images, tokens, hidden]
+        torch.cat([f.reshape(-1, f.shape[-1]) for f in rows[start : start + 256][FEATURES_COLUMN]]).to(model.device)
+        for start in range(0, len(rows), 256)
     )
 
 
@@ -118,6 +120,13 @@ def _eval_args(args: dict[str, Any], options: FitOptions, has_labels: bool) -> l
         if name in LOWER_IS_BETTER or name == "loss":
             args.setdefault("greater_is_better", False)
     return [EarlyStoppingCallback(options.early_stopping_patience)] if options.early_stopping_patience else []
+
+
+def _check_checkpointing(model: VisionLanguageCore, args: dict[str, Any]) -> None:
+    if model.num_prefix_tokens and (args.get("gradient_checkpointing") or args.get("activation_checkpointing")):
+        raise ValueError(
+            "PEFT prefix tuning does not support gradient checkpointing; set gradient_checkpointing=False."
+        )
 
 
 def _train_stages(
@@ -179,13 +188,10 @@ def fit(
             train_ds = _cache_features(model, train_ds, fit_options)
             eval_ds = _cache_features(model, eval_ds, fit_options)
         _set_feature_statistics(model, train_ds)
-    ratio = (0.25 if names else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
+    label_only = names and "answer" not in train_ds.column_names  # users' own captions teach describing otherwise
+    ratio = (0.25 if label_only else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
     train_ds = features_as_tensors(_with_describe_rows(train_ds, ratio, args["seed"]))
-    checkpointing = args.get("gradient_checkpointing") or args.get("activation_checkpointing")
-    if model.config.adapter == "prefix" and checkpointing:
-        raise ValueError(
-            "PEFT prefix tuning does not support gradient checkpointing; set gradient_checkpointing=False."
-        )
+    _check_checkpointing(model, args)
     model.to(model.device)
     collator = VLMCollator(model, names, fit_options.describe_template, class_weights=weights)
     result, trainer = _train_stages(

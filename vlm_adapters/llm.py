@@ -1,4 +1,4 @@
-"""The language side: a causal LLM loaded in NF4 / int8 / full precision, with a PEFT adapter."""
+"""The language side: a causal LLM loaded in NF4 / int8 / full precision (its PEFT adapter: `adapters.py`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import functools
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
@@ -191,55 +190,3 @@ def disable_cpu_4bit_repacking(model: nn.Module) -> None:
 
 def is_quantized(model: PreTrainedModel) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
-def peft_config(config: AdapterConfig) -> LoraConfig | PrefixTuningConfig | None:
-    if config.adapter == "lora":
-        return LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules,
-        )
-    if config.adapter == "prefix":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_prefix_tokens)
-    return None
-
-
-def _frozen(llm: PreTrainedModel) -> PreTrainedModel:
-    if is_quantized(llm):
-        # Casts norms to fp32 and makes input embeddings require grad; checkpointing is the Trainer's choice.
-        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
-        disable_cpu_4bit_repacking(llm)
-    return llm.requires_grad_(False)
-
-
-def add_adapter(llm: PreTrainedModel, config: AdapterConfig) -> PreTrainedModel | PeftModel:
-    """Freeze the LLM and wrap it with the configured PEFT adapter (or leave it frozen for 'none')."""
-    from .fast_lora import fuse_lora_4bit
-
-    llm = _frozen(llm)
-    peft_cfg = peft_config(config)
-    if peft_cfg is None:
-        return llm
-    model = get_peft_model(llm, peft_cfg)
-    fuse_lora_4bit(model)
-    return model
-
-
-def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) -> PreTrainedModel | PeftModel:
-    """Put saved PEFT weights (safetensors only) back on a freshly loaded base."""
-    from .fast_lora import fuse_lora_4bit
-
-    if config.adapter == "none":
-        return add_adapter(llm, config)
-    # PEFT refuses to load prompt-learning adapters as trainable; their prompt encoder is unfrozen
-    # by hand so a loaded prefix adapter can be trained further, like a loaded LoRA.
-    prompt_learning = config.adapter == "prefix"
-    model = PeftModel.from_pretrained(_frozen(llm), directory, is_trainable=not prompt_learning, use_safetensors=True)
-    if prompt_learning:
-        for name, param in model.named_parameters():
-            param.requires_grad_("prompt_encoder" in name)
-    fuse_lora_4bit(model)
-    return model

@@ -15,7 +15,8 @@ from .modeling import VisionLanguageCore
 
 class VisionLanguageModel(VisionLanguageCore):
     """Frozen encoder -> trainable projector -> LLM with a PEFT adapter: classify, predict, describe
-    (from `InferenceMixin`), fit, evaluate, calibrate, save_pretrained, push_to_hub, merge_and_export."""
+    (from `InferenceMixin`), clip_classify (zero-shot), fit, evaluate, calibrate, save_pretrained,
+    push_to_hub, merge_and_export."""
 
     def fit(self, train: Any, eval: Any = None, **options: Any) -> dict[str, Any]:  # noqa: A002 - contract name
         """Train projector + adapter with transformers' Trainer; options are `FitOptions` fields and
@@ -26,8 +27,9 @@ class VisionLanguageModel(VisionLanguageCore):
 
     def evaluate(self, dataset: Any, **options: Any) -> dict[str, Any]:
         """Accuracy, balanced accuracy, F1, per-class sensitivity / specificity, ROC-AUC, PR-AUC, ECE and
-        coverage vs accuracy for label data (`at_specificity=`, `metrics=[evaluate modules]`, `output_dir=`
-        for the plots); exact match / BLEU / ROUGE-L for text (see `evaluation.evaluate`)."""
+        coverage vs accuracy on label rows (`at_specificity=`, `metrics=[evaluate modules]`, `output_dir=`
+        for the plots); exact match / BLEU / ROUGE-L on answer rows (both for a mixed set); options:
+        `batch_size`, `prompt` and `describe`'s generation options (see `evaluation.evaluate`)."""
         from .evaluation import evaluate
 
         return evaluate(self, dataset, **options)
@@ -39,14 +41,26 @@ class VisionLanguageModel(VisionLanguageCore):
 
         return calibrate(self, dataset, **options)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> str:
-        """Write the adapter folder (config, projector, PEFT weights, model card) atomically."""
+    def clip_classify(
+        self, images: Any, labels: Any, template: str = "This is a photo of {}.", **options: Any
+    ) -> dict[str, float] | list[dict[str, float]]:
+        """Zero-shot probabilities from the CLIP / SigLIP checkpoint the encoder came from (text tower
+        included), as transformers' zero-shot-image-classification pipeline computes them: a softmax
+        over the labels for CLIP, a sigmoid per label for SigLIP. Raises `ValueError` without a text tower."""
+        from .zero_shot import clip_classify
+
+        return clip_classify(self, images, labels, template, **options)
+
+    def save_pretrained(self, directory: str | os.PathLike, with_app: bool = False) -> str:
+        """Write the adapter folder (config, projector, PEFT weights, model card) atomically; `with_app`
+        adds a Gradio `app.py` + `requirements.txt`, so the folder runs as a Space."""
         from .hub import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, with_app)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload the adapter folder to the Hub (`private`, `token`, `revision`, `commit_message`)."""
+        """Upload the adapter folder to the Hub (`private`, `token`, `revision`, `commit_message`,
+        `with_app`)."""
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)

@@ -9,6 +9,7 @@ forward and inference (`inference.py`, mixed in) both use it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -16,7 +17,9 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .adapters import prefix_length, regularization
 from .config import AdapterConfig
+from .generation import TextGenerationMixin
 from .inference import InferenceMixin
 from .packing import PackedBatch
 from .projector import Projector
@@ -33,7 +36,13 @@ def context_length(llm: PreTrainedModel) -> int:
     return 2048
 
 
-class VisionLanguageCore(InferenceMixin, nn.Module):
+def cache_argument(llm: PreTrainedModel) -> str:
+    """The name forward takes the KV cache by: transformers 5.x renamed `past_key_values` to `cache`
+    (the old name still works, with a FutureWarning per process); remote-code models may keep the old one."""
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
     """The parts and the math. Trainable: `projector` and the PEFT adapter inside `llm`."""
 
     # The loss is a per-batch mean; tells the Trainer not to pass num_items_in_batch or rescale it.
@@ -53,6 +62,7 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         self.projector = projector
         self.llm = llm  # a PeftModel, or the bare LLM for adapter="none"
         self.tokenizer = tokenizer
+        self.cache_argument = cache_argument(self.base_llm)
         self.prompts = PromptBuilder(
             tokenizer,
             projector.num_image_tokens,
@@ -74,7 +84,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return self.config.num_prefix_tokens if self.config.adapter == "prefix" else 0
+        """Virtual tokens of a prefix-tuning adapter (from its PEFT config); 0 for other methods."""
+        return prefix_length(self.llm)
 
     @property
     def device(self) -> torch.device:
@@ -140,9 +151,10 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         row_weights: torch.Tensor | None = None,
         **_: Any,
     ) -> CausalLMOutputWithPast:
-        """With labels: mean loss over the answer tokens, logits only at those positions ([num_answer_tokens, V]).
-        `row_weights` [B] (class weights, from `VLMCollator`) scale each row's token losses inside that
-        mean, scikit-learn's sample-weight convention: 'balanced' weights average 1 over the training set.
+        """With labels: mean loss over the answer tokens (+ the adapter's regulariser, if its method has one),
+        log-probs only at those positions ([num_answer_tokens, V]). `row_weights` [B] (class weights, from
+        `VLMCollator`) scale each row's token losses inside that mean, scikit-learn's sample-weight
+        convention: 'balanced' weights average 1 over the training set.
 
         The batch runs packed into one row (`packing.py`): no padding, and the tokens before the image
         (system turn + prompt) once for all rows that share them, each row attending to its own."""
@@ -160,7 +172,9 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         keep = batch.supervised.nonzero()[:, 0]
         logprobs = self.feed(embeds, cache, batch.positions[None], batch.visible, keep)[0]
         targets = batch.targets[keep]
-        loss = -(logprobs.gather(-1, targets[:, None])[:, 0] * batch.weights[keep]).mean()
+        # plus what the PEFT method adds in its own forward (AdaLoRA's orthogonal regulariser), bypassed here
+        token_loss = -logprobs.gather(-1, targets[:, None])[:, 0]
+        loss = (token_loss * batch.weights[keep]).mean() + regularization(self.llm)
         return CausalLMOutputWithPast(loss=loss, logits=logprobs)
 
     def prefix_cache(self) -> DynamicCache:
@@ -189,8 +203,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
             inputs_embeds=embeds,
             attention_mask=mask[:, None].expand(embeds.shape[0], -1, -1, -1),
             position_ids=(self.num_prefix_tokens + positions.to(self.device)).expand(embeds.shape[0], -1),
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{self.cache_argument: cache},
             logits_to_keep=keep,
         )
         return out.logits.float().log_softmax(-1)

@@ -2,6 +2,7 @@
 
 - checkpoints hold only the trained parts (projector + PEFT adapter, safetensors), never the
   frozen 4-bit LLM, are written atomically, and resume / best-model loading read them back;
+- the callbacks the adapter's PEFT method needs (AdaLoRA's rank budget, updated every step);
 - a separate projector learning rate and LLaVA's optional projector-only alignment stage;
 - classification metrics (accuracy, ROC-AUC, ...) as eval metrics, from label scoring, for
   `metric_for_best_model` and early stopping;
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
+from .adapters import adapter_callbacks, check_reloadable
 from .evaluation import evaluate
 from .files import replace_folder
 from .hub import PEFT_WEIGHTS, PROJECTOR_FILE, write_adapter_files
@@ -32,7 +34,8 @@ from .metrics import SCALAR_METRICS
 
 class BalancedSampler(torch.utils.data.WeightedRandomSampler):
     """Draws rows with replacement, each with chance 1 / (n_classes * count of its class), so every
-    class is drawn equally often on average; an epoch draws as many rows as the data holds. Seeded by
+    class is drawn equally often on average (answer rows of a mixed set, label None, count as one more
+    class); an epoch draws as many rows as the data holds. Seeded by
     the run's seed and the epoch (the Trainer calls `set_epoch`), so a resumed run draws the rows an
     uninterrupted one did."""
 
@@ -57,6 +60,10 @@ class VLMTrainer(Trainer):
     ) -> None:
         """`sample_labels`: each training row's label, to draw the rows class-balanced (`BalancedSampler`)."""
         super().__init__(*args, **kwargs)
+        for callback in adapter_callbacks(self.model.llm):  # e.g. AdaLoRA's rank allocation after each step
+            self.add_callback(callback)
+        if self.args.load_best_model_at_end:
+            check_reloadable(self.model.llm, "load_best_model_at_end (early_stopping_patience)")
         self.projector_lr = projector_lr
         self.eval_labels = eval_labels
         self.sample_labels = sample_labels
@@ -130,6 +137,7 @@ class VLMTrainer(Trainer):
             set_peft_model_state_dict(self.model.llm, load_file(peft_file))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        check_reloadable(self.model.llm, "resume_from_checkpoint")
         self._load_trained_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
@@ -145,12 +153,12 @@ class VLMTrainer(Trainer):
             prefix = kwargs.get("metric_key_prefix", "eval")
             scores = evaluate(
                 self.model, dataloader.dataset, batch_size=self.args.per_device_eval_batch_size,
-                progress=not self.args.disable_tqdm,
+                progress=not self.args.disable_tqdm, answers=False,  # answer rows count in the loss only
             )
-            output.metrics.update({f"{prefix}_{k}": scores[k] for k in SCALAR_METRICS if scores[k] is not None})
+            output.metrics.update({f"{prefix}_{k}": scores[k] for k in SCALAR_METRICS if scores.get(k) is not None})
             chosen = (self.args.metric_for_best_model or "").removeprefix(f"{prefix}_")
-            if chosen in SCALAR_METRICS and scores[chosen] is None:
-                present = [name for name, row in scores["per_class"].items() if row["support"]]
+            if chosen in SCALAR_METRICS and scores.get(chosen) is None:
+                present = [name for name, row in scores.get("per_class", {}).items() if row["support"]]
                 raise ValueError(
                     f"metric_for_best_model={chosen!r} is undefined on the eval data, which holds images of "
                     f"{present} only; it needs images of at least two labels. Use a larger or stratified eval split "
