@@ -204,7 +204,7 @@ class InferenceMixin:
         """The most likely label of each row: `classify`'s top label for less work (it feeds only the
         labels that can still win, see `predict_labels`). One image -> one string; a list -> a list, in
         which an element that is a list of images is one row (`predict([[frontal, lateral]], labels)`)."""
-        labels = _check_labels(labels)
+        labels = check_labels(labels)
         return self._per_batch(
             images, batch_size, lambda features, text: [labels[i] for i in self.predict_labels(features, labels, text)],
             prompt or self.config.classify_prompt,
@@ -219,7 +219,7 @@ class InferenceMixin:
     ) -> dict[str, float] | list[dict[str, float]]:
         """Probability of each candidate label (sums to 1), most likely first. One image -> one dict; a
         list -> a list, in which an element that is a list of images is one row of several images."""
-        labels = _check_labels(labels)
+        labels = check_labels(labels)
 
         def ranked(features: torch.Tensor, text: str) -> list[dict[str, float]]:
             probs = self.score_labels(features, labels, text).softmax(-1).tolist()
@@ -228,7 +228,7 @@ class InferenceMixin:
         return self._per_batch(images, batch_size, ranked, prompt or self.config.classify_prompt)
 
 
-def _check_labels(labels: Sequence[str]) -> list[str]:
+def check_labels(labels: Sequence[str]) -> list[str]:
     labels = list(labels)
     if not labels:
         raise ValueError("at least one candidate label is needed; got an empty list.")
