@@ -214,7 +214,7 @@ class InferenceMixin:
         `abstain_below=p` answers None for a row whose top (calibrated) probability is below `p`: "not
         sure, look at it yourself". That needs every label's probability, so it scores all labels as
         `classify` does; `evaluate` reports coverage and accuracy per threshold to choose `p` by."""
-        labels = _check_labels(labels)
+        labels = check_labels(labels)
         prompt = prompt or self.config.classify_prompt
         if abstain_below is None:
             return self._per_batch(
@@ -240,7 +240,7 @@ class InferenceMixin:
         """Probability of each candidate label (sums to 1, calibrated once `calibrate` has set a
         temperature), most likely first. One image -> one dict; a list -> a list, in which an element
         that is a list of images is one row of several images."""
-        labels = _check_labels(labels)
+        labels = check_labels(labels)
 
         def ranked(features: torch.Tensor, text: str) -> list[dict[str, float]]:
             probs = self.label_probabilities(self.score_labels(features, labels, text)).tolist()
@@ -249,7 +249,7 @@ class InferenceMixin:
         return self._per_batch(images, batch_size, ranked, prompt or self.config.classify_prompt)
 
 
-def _check_labels(labels: Sequence[str]) -> list[str]:
+def check_labels(labels: Sequence[str]) -> list[str]:
     labels = list(labels)
     if not labels:
         raise ValueError("at least one candidate label is needed; got an empty list.")
