@@ -13,6 +13,8 @@ What each test proves:
   a card a Space reads; `python app.py` in that folder serves the adapter from the folder itself.
 - test_uploads_are_checked_with_the_library_image_checks / test_prediction_text_abstains: the checks
   behind the messages, without a server.
+- test_the_page_says_whether_probabilities_are_calibrated: the header names the adapter's temperature once
+  `calibrate` set one (and says "not calibrated" before); the threshold slider starts at `abstain_below`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from gradio_client import Client, handle_file
 from playwright.sync_api import expect, sync_playwright
 
 from vlm_adapters import attach, load
-from vlm_adapters.app import NOT_SURE, prediction_text, read_uploads
+from vlm_adapters.app import NOT_SURE, build_app, prediction_text, probability_note, read_uploads
 
 LABELS = ["red", "green", "blue"]
 CHROMIUM = "/usr/bin/chromium"
@@ -247,3 +249,17 @@ def test_prediction_text_abstains():
     probs = {"red": 0.55, "green": 0.45}
     assert prediction_text(probs, 0.0) == "red (55.0%)"
     assert prediction_text(probs, 0.6) == f"{NOT_SURE} (top label red at 55.0% is below 60%)"
+
+
+def test_the_page_says_whether_probabilities_are_calibrated(vit_dir, llm_dir):
+    model = attach(vit_dir, llm_dir, adapter="lora")
+    model.config.labels = LABELS
+    assert probability_note(model.config).startswith("Probabilities are not calibrated")
+    model.config.temperature = 1.7  # as model.calibrate sets it
+    note = probability_note(model.config)
+    assert note.startswith("Probabilities are calibrated (temperature 1.70")
+    page = build_app(model, abstain_below=0.8)
+    by_id = {getattr(block, "elem_id", None): block for block in page.blocks.values()}
+    assert note in by_id["intro"].value and by_id["threshold"].value == 0.8
+    with pytest.raises(ValueError, match="abstain_below"):
+        build_app(model, abstain_below=80)

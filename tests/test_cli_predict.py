@@ -7,6 +7,8 @@ What each test proves:
   and the description `describe` gives; the model is called once per batch, not once per image.
 - test_top_k_and_abstain_below: --top_k fills only the k most likely labels' columns; --abstain_below
   writes "abstained" with the top label in the reason.
+- test_a_calibrated_adapter_writes_calibrated_probabilities: with the temperature `calibrate` stores in the
+  adapter, the written probabilities are softmax(scores / T), i.e. the plain ones to the power 1/T, renormalised.
 - test_an_interrupted_run_keeps_its_rows_and_resumes: a run stopped in its second batch leaves the
   first batch on disk; --resume (after a line cut in half by the kill) writes each remaining file
   once and ends with the rows of an uninterrupted run; an existing output is not overwritten by
@@ -125,6 +127,23 @@ def test_top_k_and_abstain_below(tmp_path, adapter, folder):
         else:
             assert row["label"] == top and row["reason"] == ""
     assert 0 < sum(row["label"] == "abstained" for row in good) < 6  # both cases happen
+
+
+def test_a_calibrated_adapter_writes_calibrated_probabilities(tmp_path, adapter, reference, folder):
+    calibrated = load(adapter)
+    calibrated.config.temperature = 0.25  # as model.calibrate sets it: sharper than the raw scores
+    saved = calibrated.save_pretrained(tmp_path / "calibrated")
+    out = tmp_path / "calibrated.csv"
+    assert main(["predict", "--adapter", saved, "--images", str(folder / "*.png"), "--output", str(out),
+                 "--batch_size", "16", "--no_describe", "--no_progress"]) == 0
+    good = [row for row in read_csv(out) if not row["reason"]]
+    assert len(good) == 6
+    plain = reference.classify([row["image"] for row in good], LABELS, batch_size=16)  # the CLI's one batch
+    for row, probs in zip(good, plain):
+        powered = {label: p**4 for label, p in probs.items()}  # softmax(s / 0.25) = softmax(s)^4, renormalised
+        expected = {label: p / sum(powered.values()) for label, p in powered.items()}
+        assert {label: float(row[f"p_{label}"]) for label in LABELS} == pytest.approx(expected, abs=2e-6)
+        assert float(row["probability"]) > max(probs.values())
 
 
 def test_an_interrupted_run_keeps_its_rows_and_resumes(tmp_path, adapter, folder, monkeypatch):

@@ -73,6 +73,14 @@ def prediction_text(probs: dict[str, float], abstain_below: float) -> str:
     return f"{top} ({probability:.1%})"
 
 
+def probability_note(config: Any) -> str:
+    """Whether the probabilities shown are calibrated: a reader of "80%" should know which kind it is."""
+    if config.temperature != 1.0:
+        return (f"Probabilities are calibrated (temperature {config.temperature:.2f}, fit on held-out images "
+                "by `calibrate`).")
+    return "Probabilities are not calibrated (the adapter has no temperature from `calibrate`): read them as scores."
+
+
 class AppModel:
     """The callbacks of the app on one loaded model; Gradio calls them in its worker threads, one
     event at a time (all events share one concurrency slot, see `build_app`)."""
@@ -125,21 +133,29 @@ def show_selected(
 
 
 def build_app(
-    model: Any, labels: Sequence[str] | None = None, max_upload_mb: float = 20.0, title: str = ""
+    model: Any,
+    labels: Sequence[str] | None = None,
+    max_upload_mb: float = 20.0,
+    title: str = "",
+    abstain_below: float = 0.0,
 ) -> gr.Blocks:
-    """The Blocks app on a loaded model; `labels` default to the adapter's."""
+    """The Blocks app on a loaded model; `labels` default to the adapter's, `abstain_below` is the
+    "not sure" threshold the page starts with."""
+    if not 0.0 <= abstain_below <= 1.0:
+        raise ValueError(f"abstain_below={abstain_below!r}; expected a probability in [0, 1].")
     app = AppModel(model, max_upload_mb)
     labels = list(labels or model.config.labels)
     model_event = {"concurrency_id": "model", "concurrency_limit": 1}  # inference state is per model
     with gr.Blocks(title=title or "vlm_adapters") as demo:
         gr.Markdown(f"# {title or 'vlm_adapters'}\nUpload images, then classify, describe or ask about them. "
-                    f"Runs locally; uploads up to {max_upload_mb:g} MB each.")
+                    f"Runs locally; uploads up to {max_upload_mb:g} MB each. {probability_note(model.config)}",
+                    elem_id="intro")
         selected, ranked = gr.State(0), gr.State([])
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(file_count="multiple", label="Images (PNG, JPEG, TIFF, DICOM, ...)", elem_id="files")
                 labels_box = gr.Textbox(", ".join(labels), label="Labels (comma-separated)", elem_id="labels")
-                threshold = gr.Slider(0.0, 1.0, 0.0, step=0.01, elem_id="threshold",
+                threshold = gr.Slider(0.0, 1.0, abstain_below, step=0.01, elem_id="threshold",
                                       label='Say "not sure" when the top probability is below (0: never)')
                 classify_button = gr.Button("Classify", variant="primary", elem_id="classify")
                 describe_button = gr.Button("Describe", elem_id="describe")
@@ -178,9 +194,10 @@ def serve(
     labels: Sequence[str] | None = None,
     max_upload_mb: float = 20.0,
     title: str = "",
+    abstain_below: float = 0.0,
 ) -> None:
     """Serve the app on a loaded model until interrupted; binds to `host` (localhost unless told), on
     `port` (None: $GRADIO_SERVER_PORT, else the first free one from 7860). Gradio itself refuses
     uploads over `max_upload_mb` before they reach the disk."""
-    demo = build_app(model, labels, max_upload_mb, title=title)
+    demo = build_app(model, labels, max_upload_mb, title=title, abstain_below=abstain_below)
     demo.queue().launch(server_name=host, server_port=port, max_file_size=int(max_upload_mb * 2**20), show_error=True)

@@ -82,6 +82,7 @@ class ServeOptions:
     port: int = 7860
     labels: str | None = field(default=None, metadata={"help": "comma-separated labels; default: the adapter's"})
     max_upload_mb: float = field(default=20.0, metadata={"help": "larger uploads are refused"})
+    abstain_below: float = field(default=0.0, metadata={"help": 'initial "not sure" threshold (0: never)'})
 
 
 @dataclass
@@ -179,7 +180,7 @@ def cmd_serve(opts: ServeOptions) -> None:
 
     name = os.path.basename(os.path.abspath(opts.adapter)) if os.path.isdir(opts.adapter) else opts.adapter
     serve(load(opts.adapter), host=opts.host, port=opts.port, labels=_split_labels(opts.labels),
-          max_upload_mb=opts.max_upload_mb, title=f"{name} (vlm_adapters)")
+          max_upload_mb=opts.max_upload_mb, title=f"{name} (vlm_adapters)", abstain_below=opts.abstain_below)
 
 
 def cmd_export(opts: ExportOptions) -> None:
