@@ -263,10 +263,11 @@ def test_demo_runs_end_to_end_on_a_few_images(tmp_path, capsys):
     assert report["options"]["train_per_class"] == 2 and figures["test_images"] == 10
     assert set(figures["per_class"]) == set(FASHION_MNIST_LABELS)
     assert sum(row["support"] for row in figures["per_class"].values()) == 10  # scored on the test images
-    assert all(0 <= figures[k] <= 1 for k in ("accuracy", "linear_probe_accuracy", "zero_shot_accuracy"))
+    assert all(0 <= figures[k] <= 1 for k in ("accuracy", "balanced_accuracy", "roc_auc", "ece",
+                                              "linear_probe_accuracy", "zero_shot_accuracy"))
     assert figures["train_loss"] > 0 and figures["reload_same_predictions"] is True
     assert len(figures["describe_examples"]) == 2 and all(e["text"] for e in figures["describe_examples"])
     assert set(os.listdir(out / "adapter")) == {"vlm_adapter_config.json", "projector.safetensors",
                                                 "adapter_config.json", "adapter_model.safetensors", "README.md"}
-    assert (out / "confusion_matrix.png").exists()
+    assert (out / "confusion_matrix.png").exists() and (out / "roc_curve.png").exists()
     assert "| VLM accuracy (label scoring, 10 test images) |" in capsys.readouterr().out

@@ -13,6 +13,9 @@ What each test proves:
   free-text data are refused by name.
 - evaluate_argmax_equals_predict_labels_over_the_adapter_labels: evaluate's prediction (argmax of every label's
   score) is predict_labels' label; an eval set missing a class is still scored over all the adapter's labels.
+- label_rows_among_answer_rows: in a mixed set the label rows get exactly their label-only report (answer rows scored
+  as text beside them), calibrate fits the same temperature, 'balanced' weights count label rows only and answer
+  rows weigh 1.
 - a_label_the_adapter_does_not_know_is_an_error: evaluate, calibrate and fit name the unknown label and the known ones.
 - evaluate_report_plots_sensitivity_at_specificity_and_modules: the operating point's threshold gives the reported
   sensitivity and specificity; the four PNGs are written; a local `evaluate` module's result joins the report.
@@ -43,6 +46,7 @@ from safetensors.torch import load_file
 from vlm_adapters import VLMCollator, attach, load
 from vlm_adapters.cli import main
 from vlm_adapters.config import CONFIG_NAME
+from vlm_adapters.data import as_dataset, class_weights
 from vlm_adapters.evaluation import label_scores
 from vlm_adapters.trainer import BalancedSampler
 
@@ -143,6 +147,31 @@ def test_evaluate_argmax_equals_predict_labels_over_the_adapter_labels(half_trai
     assert partial["labels"] == LABELS and len(partial["confusion_matrix"]) == 3
     assert partial["per_class"]["blue"]["support"] == 0
     assert partial["confusion_matrix"][:2] == report["confusion_matrix"][:2]
+
+
+def test_label_rows_among_answer_rows(half_trained, splits):
+    model, test = half_trained, splits["test"]
+    labelled = [{"image": row["image"], "label": LABELS[row["label"]], "answer": None} for row in test]
+    answers = [{"image": row["image"], "label": None, "answer": "a square"} for row in list(test)[:4]]
+    mixed = labelled[:10] + answers + labelled[10:]
+    alone = model.evaluate(labelled, progress=False)
+    both = model.evaluate(mixed, max_new_tokens=2, progress=False)
+    for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece", "confusion_matrix", "coverage_accuracy"):
+        assert both[key] == alone[key], key
+    assert both["images"] == len(labelled) and len(both["predictions"]) == 4 and "exact_match" in both
+    temperature = model.config.temperature
+    try:
+        fitted = model.calibrate(mixed, progress=False)
+        model.config.temperature = temperature
+        assert fitted == model.calibrate(labelled, progress=False)
+    finally:
+        model.config.temperature = temperature  # the module's model stays uncalibrated for the other tests
+    assert class_weights(as_dataset(mixed), LABELS, "balanced") == class_weights(as_dataset(labelled), LABELS,
+                                                                                   "balanced")
+    collator = VLMCollator(model, LABELS, class_weights={"red": 2.0, "green": 3.0, "blue": 0.5})
+    batch = collator([mixed[0], mixed[10], mixed[14]])
+    assert batch["row_weights"].tolist() == [{"red": 2.0, "green": 3.0, "blue": 0.5}[labelled[0]["label"]], 1.0,
+                                             {"red": 2.0, "green": 3.0, "blue": 0.5}[labelled[10]["label"]]]
 
 
 def test_a_label_the_adapter_does_not_know_is_an_error(half_trained, splits):

@@ -51,7 +51,7 @@ def calibrate(
     prompt: str | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Fit the temperature on held-out label data (not the training set, where the model is
+    """Fit the temperature on the label rows of held-out data (not the training set, where the model is
     overconfident) and store it in `model.config.temperature`, which `save_pretrained` / `push_to_hub`
     write and `load` restores. Returns the temperature and the ECE / NLL on `dataset` with the
     previous temperature (`*_before`) and the new one (`*_after`)."""
@@ -59,7 +59,9 @@ def calibrate(
     if "label" not in data.column_names:
         raise ValueError("calibrate needs label data (a 'label' column): it fits label probabilities.")
     names = adapter_labels(model, data)
-    targets = torch.tensor(label_indices(data, names, "the calibration data"))
+    targets = torch.tensor([i for i in label_indices(data, names, "the calibration data") if i is not None])
+    if not len(targets):
+        raise ValueError("calibrate needs label rows; this calibration data holds answer rows only.")
     scores = label_scores(model, data, names, prompt, batch_size, progress).double()
     before = _nll_and_ece(scores, targets, model.config.temperature)
     temperature = fit_temperature(scores, targets)

@@ -109,10 +109,8 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
 
     with phase(report, "evaluate (label scoring)"):
         metrics = model.evaluate(test_f, output_dir=opts.output_dir)
-        figures.update(
-            accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"], per_class=metrics["per_class"],
-            test_images=len(test_f),
-        )
+        figures.update({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece")})
+        figures.update(per_class=metrics["per_class"], test_images=len(test_f))
 
     names = train.features["label"].names
     images = [test[i]["image"] for i in range(min(opts.describe_images, len(test)))]
