@@ -116,12 +116,17 @@ def test_task_rows_hold_a_caption_and_every_question_type() -> None:
     mosaics = datasets.Dataset.from_dict({"cells": [HAND_MADE, ["Coat"] * 4]})
     rows = task_rows(mosaics, questions=4, seed=0)
     assert len(rows) == 10
+    text = caption(HAND_MADE)
     assert rows[0] == dict(
-        mosaic=0, prompt="Describe this image.", answer=caption(HAND_MADE), question_type="caption", cells=HAND_MADE
+        mosaic=0, prompt="Describe this image.", answer=text, truth=text, question_type="caption", cells=HAND_MADE
     )
+    assert all(r["answer"] == r["truth"] for r in rows)
     assert sorted(r["question_type"] for r in rows[1:5]) == sorted(["what", "yes_no", "count", "where"])
     assert [r["question_type"] for r in rows[6:]].count("what") == 2  # four coats: no "where" question
     assert task_rows(mosaics, 4, seed=0) == rows
+    listed = task_rows(mosaics, 4, seed=0, cells_first=True)
+    assert [r["truth"] for r in listed] == [r["truth"] for r in rows]
+    assert listed[1]["answer"] == f"{text}. Answer: {rows[1]['truth']}"
 
 
 def test_answers_parse_forgivingly() -> None:
@@ -129,6 +134,9 @@ def test_answers_parse_forgivingly() -> None:
     assert parse_answer("count", "There are two shoes.") == "2" and parse_answer("count", "3") == "3"
     assert parse_answer("where", "In the Upper-Right corner") == "top right"
     assert parse_answer("what", "sneakers") == "Sneaker"
+    # after the listed cells, only the text after the last "Answer:" counts
+    listed = "top left: Sneaker; top right: Bag; bottom left: Sandal; bottom right: Trouser. Answer: bottom right"
+    assert parse_answer("where", listed) == "bottom right" and parse_answer("what", listed + " answer: Coat") == "Coat"
 
 
 def test_metrics_on_hand_made_predictions() -> None:
@@ -140,8 +148,8 @@ def test_metrics_on_hand_made_predictions() -> None:
     assert m["all_cells"]["accuracy"] == 0.5 and m["exact_match"] == 0.5
     assert 0 < m["bleu"] < 100 and 0.5 < m["rougeL"] < 1
     rows = [
-        {"question_type": "count", "answer": "2"}, {"question_type": "count", "answer": "0"},
-        {"question_type": "yes_no", "answer": "no"}, {"question_type": "where", "answer": "top left"},
+        {"question_type": "count", "truth": "2"}, {"question_type": "count", "truth": "0"},
+        {"question_type": "yes_no", "truth": "no"}, {"question_type": "where", "truth": "top left"},
     ]
     q = question_metrics(rows, ["2", "one", "No.", "bottom left"])
     assert q["count"]["accuracy"] == 0.5 and q["count"]["n"] == 2

@@ -83,20 +83,28 @@ def ask(kind: str, cells: Sequence[str], rng: np.random.Generator) -> tuple[str,
 
 
 def task_rows(
-    mosaics: datasets.Dataset, questions: int, seed: int = 0, caption_prompt: str = CAPTION_PROMPT
+    mosaics: datasets.Dataset,
+    questions: int,
+    seed: int = 0,
+    caption_prompt: str = CAPTION_PROMPT,
+    cells_first: bool = False,
 ) -> list[dict[str, Any]]:
-    """Free-text rows (`mosaic` index, `prompt`, `answer`, `question_type`, `cells`): per mosaic one
-    caption and `questions` questions, their types cycling through QUESTION_TYPES from a seeded start."""
+    """Free-text rows (`mosaic` index, `prompt`, `answer` to train on, short `truth`, `question_type`,
+    `cells`): per mosaic one caption and `questions` questions, their types cycling through
+    QUESTION_TYPES from a seeded start. With `cells_first`, an answer first names every cell (the
+    caption), then gives the short answer after "Answer:"."""
     rng = np.random.default_rng(seed)
     rows = []
     for index, cells in enumerate(mosaics["cells"]):
+        text = caption(cells)
         rows.append(
-            dict(mosaic=index, prompt=caption_prompt, answer=caption(cells), question_type="caption", cells=cells)
+            dict(mosaic=index, prompt=caption_prompt, answer=text, truth=text, question_type="caption", cells=cells)
         )
         start = int(rng.integers(len(QUESTION_TYPES)))
         for k in range(questions):
-            kind, prompt, answer = ask(QUESTION_TYPES[(start + k) % len(QUESTION_TYPES)], cells, rng)
-            rows.append(dict(mosaic=index, prompt=prompt, answer=answer, question_type=kind, cells=cells))
+            kind, prompt, short = ask(QUESTION_TYPES[(start + k) % len(QUESTION_TYPES)], cells, rng)
+            answer = f"{text}. Answer: {short}" if cells_first else short
+            rows.append(dict(mosaic=index, prompt=prompt, answer=answer, truth=short, question_type=kind, cells=cells))
     return rows
 
 
@@ -120,7 +128,9 @@ def parse_caption(text: str) -> list[str | None]:
 
 
 def parse_answer(kind: str, text: str) -> str | None:
-    """A generated answer in the form of the truth for its question type (None when unreadable)."""
+    """A generated answer in the form of the truth for its question type (None when unreadable); only
+    the text after the last "Answer:" counts when there is one."""
+    text = re.split(r"answer\s*:", text, flags=re.IGNORECASE)[-1]
     lower = text.lower()
     if kind in ("what", "caption"):
         return match_class(text)
@@ -158,5 +168,5 @@ def question_metrics(rows: Sequence[dict[str, Any]], texts: Sequence[str]) -> di
     """Accuracy per question type: a generated answer counts when it parses to the truth."""
     hits: dict[str, list[bool]] = {}
     for row, text in zip(rows, texts, strict=True):
-        hits.setdefault(row["question_type"], []).append(parse_answer(row["question_type"], text) == row["answer"])
+        hits.setdefault(row["question_type"], []).append(parse_answer(row["question_type"], text) == row["truth"])
     return {kind: _rate(values) for kind, values in hits.items()}
