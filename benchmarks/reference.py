@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from vlm_adapters.data import pad_right
+from vlm_adapters.collator import pad_right
 from vlm_adapters.fast_lora import peft_lora_forward
 from vlm_adapters.model import VisionLanguageModel
 from vlm_adapters.prompting import IMAGE_TOKEN_ID

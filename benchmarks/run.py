@@ -47,10 +47,10 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.reference import classify_by_generate, reference_trainer  # noqa: E402
 from vlm_adapters import VisionLanguageModel, VLMCollator, attach  # noqa: E402
-from vlm_adapters.assets import FASHION_MNIST_LABELS as FASHION_LABELS  # noqa: E402
-from vlm_adapters.assets import efficientnet_lite0, fashion_mnist, smollm2_instruct  # noqa: E402
-from vlm_adapters.data import with_image_features  # noqa: E402
+from vlm_adapters.demo.assets import FASHION_MNIST_LABELS as FASHION_LABELS  # noqa: E402
+from vlm_adapters.demo.assets import efficientnet_lite0, fashion_mnist, smollm2_instruct  # noqa: E402
 from vlm_adapters.fast_lora import peft_lora_forward  # noqa: E402
+from vlm_adapters.features import with_image_features  # noqa: E402
 from vlm_adapters.packing import PackedBatch  # noqa: E402
 from vlm_adapters.prompting import IGNORE_INDEX  # noqa: E402
 
@@ -528,13 +528,13 @@ if mode.startswith("baseline_"):  # also the code a load imports before any weig
     if mode == "baseline_bnb":
         import bitsandbytes
     if mode == "baseline_library":
-        import vlm_adapters.language
+        import vlm_adapters.llm
 elif mode != "baseline":
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     start = time.perf_counter()
     if mode == "nf4":  # the library's loader, as attach(quantization="nf4") calls it
         from vlm_adapters.config import AdapterConfig
-        from vlm_adapters.language import load_llm
+        from vlm_adapters.llm import load_llm
         model = load_llm(path, AdapterConfig(quantization="nf4", compute_dtype="bfloat16"), torch.device("cpu"))
     elif mode == "nf4_transformers":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -667,7 +667,7 @@ def report_memory(ctx: Context, res: dict[str, Any]) -> str:
         "",
         f"A Llama with random weights, {res['params'] / 1e9:.2f}B parameters (`LlamaConfig({cfg})`), saved once as "
         "bf16 safetensors shards, then loaded in a fresh subprocess, followed by one forward pass on 8 tokens. "
-        "**NF4 (library)**: `vlm_adapters.language.load_llm`, what `attach(quantization=\"nf4\")` runs (NF4, double "
+        "**NF4 (library)**: `vlm_adapters.llm.load_llm`, what `attach(quantization=\"nf4\")` runs (NF4, double "
         "quantization, bf16 compute). **NF4 (transformers)**: `AutoModelForCausalLM.from_pretrained(dir, "
         "quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", "
         "bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16), device_map={\"\": \"cpu\"})`. "
@@ -695,7 +695,7 @@ def report_memory(ctx: Context, res: dict[str, Any]) -> str:
         "Quantizing on load reads every page of the same bf16 file, and mapped pages count in the process's RSS "
         "until the load ends, so transformers' NF4 load holds the whole bf16 file and the quantized copy at once. "
         "The library hands transformers the same tensors, each mapped on its own and unmapped once quantized "
-        "(`_load_quantized_unmapped` in `vlm_adapters/language.py`): one full-precision tensor is resident at a "
+        "(`_load_quantized_unmapped` in `vlm_adapters/llm.py`): one full-precision tensor is resident at a "
         "time, and the weights it loads are identical (tested). Before each tensor it hands the heap's free pages "
         "back to the OS (glibc `malloc_trim`): the quantization temporaries of one tensor were otherwise left "
         "resident between the small quantized blocks. And it turns off bitsandbytes' CPU repacking of 4-bit "

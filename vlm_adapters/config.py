@@ -1,104 +1,153 @@
-"""`AdapterConfig`: every `attach` option in one validated, JSON-serialisable dataclass.
+"""Typed options: what `attach` builds (`AttachOptions`), what `fit` adds to the Trainer (`FitOptions`),
+and what a saved adapter records (`AdapterConfig`).
 
-It is written beside the trained weights as `vlm_adapter_config.json` and is the first thing
-`load` reads, so it is validated *before* any weight file is opened.
+One definition serves the Python API, the command line (transformers' `HfArgumentParser` turns each
+field into a flag, `Literal` fields into choices, `metadata["help"]` into the help text) and the
+validation of a config read back from disk, as PEFT's config dataclasses do.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import typing
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 CONFIG_NAME = "vlm_adapter_config.json"
-PROJECTOR_KINDS = ("linear", "mlp2x_gelu")
-ADAPTER_KINDS = ("lora", "prefix", "none")
-QUANTIZATIONS = ("nf4", "int8", None)
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-POOLING_KINDS = ("avg", "pixel_shuffle")
+
+AdapterKind = Literal["lora", "prefix", "none"]
+# What a saved config records: "peft" for an adapter given as a PEFT config object (see `peft_type`).
+SavedAdapterKind = Literal["lora", "prefix", "none", "peft"]
+Quantization = Literal["nf4", "int8"]
+ProjectorKind = Literal["linear", "mlp2x_gelu"]
+PoolingKind = Literal["avg", "pixel_shuffle"]
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the metadata key HfArgumentParser reads
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 @dataclass
-class AdapterConfig:
-    """Everything needed to rebuild an attached model from its two bases."""
+class AttachOptions:
+    """How `attach` connects the encoder to the LLM; every field is also a `vlm-adapters train` flag."""
 
-    vision: str | None = None
-    llm: str | None = None
-    vision_revision: str | None = None
-    llm_revision: str | None = None
-    adapter: str = "lora"
-    quantization: str | None = "nf4"
-    projector: str = "mlp2x_gelu"
-    # LayerNorm on the encoder features before the projector: needed for CNN feature maps; turn it
-    # off for a ViT (CLIP / SigLIP) to get LLaVA's exact projector, which `merge_and_export` requires.
-    projector_norm: bool = True
-    vision_feature_layer: int = -2
-    num_image_tokens: int | None = None
-    pooling: str = "avg"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"
-    num_prefix_tokens: int = 16
-    compute_dtype: str = "auto"  # attach resolves it: bf16 on CUDA; on CPU the faster of bf16 / fp32, timed
-    image_size: int = 224
-    # Filled in by `attach`: what the bases looked like, so `load` can refuse a mismatching base.
-    vision_signature: dict[str, Any] = field(default_factory=dict)
-    llm_signature: dict[str, Any] = field(default_factory=dict)
-    classify_prompt: str = "What is shown in this image?"
-    describe_prompt: str = "Describe this image."
-    system_prompt: str | None = None
-    # The user turn: prompt then image (False), or LLaVA's image then prompt (True). Text first lets
-    # the model run the image-independent head once per batch (once per call at inference); see prompting.py.
-    image_first: bool = False
-    labels: list[str] = field(default_factory=list)
-    format_version: int = 1
+    adapter: AdapterKind = _option("lora", "PEFT adapter on the LLM: LoRA, prefix tuning, or none (projector only)")
+    quantization: Quantization | None = _option("nf4", "LLM weights: 4-bit NF4 (double quant), int8, or None")
+    projector: ProjectorKind = _option("mlp2x_gelu", "linear (LLaVA) or Linear-GELU-Linear (LLaVA-1.5)")
+    projector_norm: bool = _option(
+        True, "LayerNorm on the encoder features before the projector (needed for CNN feature maps; "
+        "False gives LLaVA's exact projector, which merge_and_export needs)"
+    )
+    vision_feature_layer: int = _option(-2, "hidden layer of a transformers encoder to take patch tokens from")
+    num_image_tokens: int | None = _option(None, "pool the patch tokens to this many image tokens (None: all)")
+    pooling: PoolingKind = _option("avg", "how to pool patch tokens: adaptive average or pixel shuffle")
+    lora_r: int = _option(16, "LoRA rank")
+    lora_alpha: int = _option(32, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = _option(0.0, "LoRA dropout")
+    lora_target_modules: list[str] | str = _option("all-linear", "LoRA target modules ('all-linear' or names)")
+    num_prefix_tokens: int = _option(16, "virtual tokens of prefix tuning")
+    compute_dtype: ComputeDtype = _option(
+        "auto", "dtype the LLM computes in; auto: bf16 on CUDA, on a CPU the faster of bf16 and fp32"
+    )
+    image_size: int = _option(224, "input size of the default image processor for a bare torch encoder")
+    classify_prompt: str = _option("What is shown in this image?", "the user prompt for classification")
+    describe_prompt: str = _option("Describe this image.", "the user prompt for describe")
+    system_prompt: str | None = _option(None, "system turn of the chat template (None: the template's default)")
+    image_first: bool = _option(
+        False, "put the image before the prompt (LLaVA's order); after it, the image-independent head runs once"
+    )
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise `ValueError` naming the bad field and the accepted values."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            allowed = _allowed(hints[f.name])
+            if allowed is not None and not allowed[0](getattr(self, f.name)):
+                raise self._bad(f.name, allowed[1])
+        for name in ("lora_r", "lora_alpha", "num_prefix_tokens", "image_size"):
+            if getattr(self, name) < 1:
+                raise self._bad(name, "a positive integer")
+        if self.num_image_tokens is not None and self.num_image_tokens < 1:
+            raise self._bad("num_image_tokens", "None or a positive integer")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise self._bad("lora_dropout", "a float in [0, 1)")
 
-        def bad(name: str, allowed: Any) -> ValueError:
-            return ValueError(f"AdapterConfig.{name}={getattr(self, name)!r} is not valid; expected {allowed}.")
+    def _bad(self, name: str, allowed: str) -> ValueError:
+        return ValueError(f"{type(self).__name__}.{name}={getattr(self, name)!r} is not valid; expected {allowed}.")
 
-        if self.adapter not in ADAPTER_KINDS:
-            raise bad("adapter", " | ".join(ADAPTER_KINDS))
-        if self.quantization not in QUANTIZATIONS:
-            raise bad("quantization", '"nf4" | "int8" | None')
-        if self.projector not in PROJECTOR_KINDS:
-            raise bad("projector", " | ".join(PROJECTOR_KINDS))
-        if self.pooling not in POOLING_KINDS:
-            raise bad("pooling", " | ".join(POOLING_KINDS))
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise bad("compute_dtype", " | ".join(COMPUTE_DTYPES))
-        for name in ("lora_r", "lora_alpha", "num_prefix_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise bad(name, "a positive integer")
-        if self.num_image_tokens is not None and (
-            not isinstance(self.num_image_tokens, int) or self.num_image_tokens < 1
-        ):
-            raise bad("num_image_tokens", "None or a positive integer")
-        for name in ("projector_norm", "image_first"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "True or False")
-        if not isinstance(self.vision_feature_layer, int) or isinstance(self.vision_feature_layer, bool):
-            raise bad("vision_feature_layer", "an integer layer index such as -1 or -2")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise bad("lora_dropout", "a float in [0, 1)")
-        if not isinstance(self.lora_target_modules, (str, list)):
-            raise bad("lora_target_modules", '"all-linear" or a list of module names')
-        if not isinstance(self.labels, list) or not all(isinstance(x, str) for x in self.labels):
-            raise bad("labels", "a list of strings")
-        for name in ("vision_signature", "llm_signature"):
-            if not isinstance(getattr(self, name), dict):
-                raise bad(name, "a JSON object")
-        for name in ("classify_prompt", "describe_prompt"):
-            if not isinstance(getattr(self, name), str):
-                raise bad(name, "a string")
+
+def _allowed(hint: Any) -> tuple[Any, str] | None:
+    """(check, description) for a field's type hint; None where any value of the hint's type will do."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return (lambda v: v in args), " | ".join(repr(a) for a in args)
+    if type(None) in args:  # Optional[X]
+        inner = _allowed(next(a for a in args if a is not type(None)))
+        if inner is None:
+            return None
+        return (lambda v: v is None or inner[0](v)), f"None or {inner[1]}"
+    if hint is bool:
+        return (lambda v: isinstance(v, bool)), "True or False"
+    if hint is int:
+        return (lambda v: isinstance(v, int) and not isinstance(v, bool)), "an integer"
+    if hint is float:
+        return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)), "a number"
+    if hint is str:
+        return (lambda v: isinstance(v, str)), "a string"
+    if args and set(args) == {list[str], str}:
+        return (lambda v: isinstance(v, str) or _is_str_list(v)), "a string or a list of strings"
+    if hint == list[str]:
+        return _is_str_list, "a list of strings"
+    if typing.get_origin(hint) is dict:
+        return (lambda v: isinstance(v, dict)), "a JSON object"
+    return None
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+@dataclass
+class AdapterConfig(AttachOptions):
+    """Everything needed to rebuild an attached model from its two bases: the attach options plus the
+    names of the bases and what they looked like (so `load` can refuse a mismatching base).
+
+    Written beside the trained weights as `vlm_adapter_config.json` and validated before any weight
+    file is opened.
+    """
+
+    vision: str | None = _option(None, "Hub id or local path of the vision encoder (None: an in-memory module)")
+    llm: str | None = _option(None, "Hub id or local path of the LLM (None: an in-memory module)")
+    vision_revision: str | None = _option(None, "revision of the vision encoder on the Hub")
+    llm_revision: str | None = _option(None, "revision of the LLM on the Hub")
+    dataset: str | None = _option(None, "Hub id of the training dataset, named in the model card")
+    adapter: SavedAdapterKind = _option(
+        "lora", "lora / prefix / none, or 'peft' for an adapter given as a PEFT config object"
+    )
+    peft_type: str | None = _option(
+        None, "PEFT method of an adapter='peft' (e.g. 'ADALORA'); PEFT's adapter_config.json holds its options, "
+        "and lora_* / num_prefix_tokens are unused"
+    )
+    vision_signature: dict[str, Any] = field(default_factory=dict)
+    llm_signature: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    format_version: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if (self.adapter == "peft") != (self.peft_type is not None):
+            raise ValueError(
+                f"AdapterConfig(adapter={self.adapter!r}, peft_type={self.peft_type!r}): adapter='peft' records an "
+                "adapter given as a PEFT config object, with its peft_type. To attach one, pass the object itself: "
+                "attach(..., adapter=LoraConfig(...))."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,3 +188,20 @@ class AdapterConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}.")
         return cls.from_dict(data)
+
+
+@dataclass
+class FitOptions:
+    """What `fit` adds to transformers' `TrainingArguments` (whose fields it also takes by name)."""
+
+    projector_lr: float = _option(1e-3, "learning rate of the projector (the adapter uses learning_rate)")
+    align_epochs: float = _option(0.0, "epochs of projector-only training first (LLaVA's stage 1)")
+    describe_ratio: float | None = _option(
+        None, "share of label rows taught as describe examples (None: 0.25 for label-only data, 0 when the data "
+        "has answer rows)"
+    )
+    describe_template: str = _option("This image shows {label}.", "the describe answer for a label row")
+    cache_features: bool = _option(True, "encode each image once and cache the encoder features on disk")
+    feature_batch_size: int = _option(32, "batch size of the encoder when filling the feature cache")
+    skip_bad_images: bool = _option(False, "drop unreadable images (counted and reported) instead of stopping")
+    early_stopping_patience: int | None = _option(None, "stop after this many evaluations without improvement")

@@ -1,32 +1,24 @@
-"""Data in, batches out: dataset normalisation, the collator, and the on-disk encoder-feature cache.
+"""Datasets checked before training: row kinds, images per row, label names.
 
-Examples are rows with an `image` (or cached `image_features`) plus either `label` (class index
-with a ClassLabel feature, or a string) or `answer` (free text, with an optional `prompt`).
+Examples are rows with an `image`, or `images` (a list: several views in one row), or cached
+`image_features`, plus either `label` (class index with a ClassLabel feature, or a string) or
+`answer` (free text), and an optional `prompt`. One dataset may mix label rows and answer rows
+(both columns present, one of them null in each row), as captions + questions + class labels come.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from .images import ImageLoadError, load_image
-from .prompting import IGNORE_INDEX, EncodedPrompt
-
-if TYPE_CHECKING:
-    from .model import VisionLanguageModel
-    from .vision import VisionTower
-
+# Cached encoder output (`features.py`): [tokens, hidden] per 'image' row, [images, tokens, hidden] per 'images' row.
 FEATURES_COLUMN = "image_features"
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("VLM_ADAPTERS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vlm_adapters"))
 
 
 def as_dataset(data: Any, what: str = "dataset") -> datasets.Dataset:
@@ -38,17 +30,90 @@ def as_dataset(data: Any, what: str = "dataset") -> datasets.Dataset:
             raise ValueError(f"{what} is empty; it needs at least one example.")
         if not all(isinstance(row, dict) for row in data):
             raise ValueError(f"{what} must be a list of dicts with 'image' and 'label' or 'answer' keys.")
-        data = datasets.Dataset.from_list([_string_safe(row) for row in data])
+        # from_list takes its columns from the first row; rows of different kinds (label / answer,
+        # image / images) have different keys, so every row gets every key (None where it has none).
+        keys = list(dict.fromkeys(key for row in data for key in row))
+        data = datasets.Dataset.from_list([_string_safe({key: row.get(key) for key in keys}) for row in data])
     if not isinstance(data, datasets.Dataset):
         raise TypeError(f"{what} must be a datasets.Dataset or a list of dicts, got {type(data).__name__}.")
     if len(data) == 0:
         raise ValueError(f"{what} is empty; it needs at least one example.")
     columns = set(data.column_names)
-    if not columns & {"image", FEATURES_COLUMN}:
-        raise ValueError(f"{what} has columns {sorted(columns)} but needs an 'image' column.")
+    if not columns & {"image", "images", FEATURES_COLUMN}:
+        raise ValueError(f"{what} has columns {sorted(columns)} but needs an 'image' column (or 'images', a list).")
     if not columns & {"label", "answer"}:
         raise ValueError(f"{what} has columns {sorted(columns)} but needs 'label' (classes) or 'answer' (free text).")
+    row_kinds(data, what)
+    if FEATURES_COLUMN not in columns:
+        _check_images(data, what)
     return data
+
+
+def _column(data: datasets.Dataset, name: str) -> pa.ChunkedArray:
+    """One column as Arrow (the dataset's own row order, nothing decoded): checks cost no image decoding."""
+    return data.select_columns([name]).with_format("arrow")[:][name]
+
+
+def _first(mask: pa.ChunkedArray) -> int | None:
+    rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+    return int(rows[0]) if len(rows) else None
+
+
+def row_kinds(data: datasets.Dataset, what: str = "dataset") -> list[str]:
+    """'label' or 'answer' for each row; a row with both or neither is an error naming it."""
+    names = [name for name in ("label", "answer") if name in data.column_names]
+    has = {name: pc.invert(pc.is_null(_column(data, name))) for name in names}
+    if len(has) == 1:
+        (name, present), = has.items()
+        if (row := _first(pc.invert(present))) is not None:
+            raise ValueError(f"{what}: row {row} has no {name!r}; every row needs one.")
+        return [name] * len(data)
+    both, neither = pc.and_(has["label"], has["answer"]), pc.invert(pc.or_(has["label"], has["answer"]))
+    for mask, problem in ((both, "both a 'label' and an 'answer'"), (neither, "neither a 'label' nor an 'answer'")):
+        if (row := _first(mask)) is not None:
+            raise ValueError(
+                f"{what}: row {row} has {problem}; a row is a label row or an answer row (set the other to None)."
+            )
+    return ["label" if flag else "answer" for flag in has["label"].to_pylist()]
+
+
+def _check_images(data: datasets.Dataset, what: str) -> None:
+    """Each row has its image(s) in exactly one of 'image' and 'images', and no empty list."""
+    if "images" not in data.column_names:
+        return
+    lengths = _lengths(_column(data, "images"))
+    if (row := _first(pc.and_(pc.equal(lengths, 0), pc.invert(pc.is_null(_column(data, "images")))))) is not None:
+        raise ValueError(f"{what}: row {row} has an empty 'images' list; give every row at least one image.")
+    if "image" in data.column_names:
+        single = pc.invert(pc.is_null(_column(data, "image")))
+        many = pc.greater(lengths, 0)
+        for mask, problem in ((pc.and_(single, many), "both 'image' and 'images'"),
+                              (pc.invert(pc.or_(single, many)), "neither 'image' nor 'images'")):
+            if (row := _first(mask)) is not None:
+                raise ValueError(f"{what}: row {row} has {problem}; give each row one of them (the other None).")
+
+
+def _lengths(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Length of each list in a column (0 for a null row; a column of nulls only has type null)."""
+    if isinstance(column.type, pa.ExtensionType):  # datasets' ArrayXD: the list sits in the storage
+        column = pa.chunked_array([chunk.storage for chunk in column.chunks], column.type.storage_type)
+    if pa.types.is_null(column.type):
+        return pa.chunked_array([pa.array([0] * len(column), pa.int32())])
+    return pc.fill_null(pc.list_value_length(column), 0)
+
+
+def row_images(example: dict[str, Any]) -> list[Any]:
+    """The images of one row, in order: its 'images' list, else its one 'image'."""
+    many = example.get("images")
+    return list(many) if many is not None else [example["image"]]
+
+
+def image_counts(data: datasets.Dataset) -> list[int]:
+    """How many images each row holds (from Arrow list lengths: nothing decoded)."""
+    name = FEATURES_COLUMN if FEATURES_COLUMN in data.column_names else "images"
+    if name not in data.column_names or isinstance(data.features[name], datasets.Array2D):
+        return [1] * len(data)
+    return [n or 1 for n in _lengths(_column(data, name)).to_pylist()]  # null 'images': the row's one 'image'
 
 
 def _string_safe(row: dict[str, Any]) -> dict[str, Any]:
@@ -64,14 +129,17 @@ def _string_safe(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def label_names(data: datasets.Dataset) -> list[str] | None:
-    """Class names from a ClassLabel feature or the sorted set of string labels; None for free text."""
+    """Class names from a ClassLabel feature or the sorted set of string labels (answer rows' null
+    labels left out); None for free text."""
     if "label" not in data.column_names:
         return None
     feature = data.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-        return sorted(set(data["label"]))
+        return sorted(set(_column(data, "label").drop_null().to_pylist())) or None
+    if isinstance(feature, datasets.Value) and feature.dtype == "null":  # every row is an answer row
+        return None
     raise ValueError(
         f"the 'label' column has type {feature}; labels must be strings or a ClassLabel. For integer labels, "
         "name the classes: data = data.cast_column('label', datasets.ClassLabel(names=[...]))."
@@ -83,164 +151,6 @@ def label_text(label: Any, names: Sequence[str] | None) -> str:
         label = label.item()
     return names[label] if isinstance(label, (int, np.integer)) and names else str(label)
 
-
-def pad_right(encoded: Sequence[EncodedPrompt], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """input_ids / attention_mask / labels padded on the right to the longest row."""
-    width = max(len(e.input_ids) for e in encoded)
-    return {
-        "input_ids": torch.tensor([e.input_ids + [pad_token_id] * (width - len(e.input_ids)) for e in encoded]),
-        "attention_mask": torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in encoded]),
-        "labels": torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e.labels)) for e in encoded]),
-    }
-
-
-class VLMCollator:
-    """Turns examples into `model(**batch)` inputs: input_ids, attention_mask, labels and the image.
-
-    For label data it can also teach describing: an example whose `describe` field is true is
-    asked `describe_prompt` and answered with `describe_template.format(label=...)`. (`fit` marks a
-    fixed, seeded share of rows, so a resumed run sees exactly the batches an uninterrupted one does.)
-    """
-
-    def __init__(
-        self,
-        model: VisionLanguageModel,
-        label_names: Sequence[str] | None = None,
-        describe_template: str = "This image shows {label}.",
-    ) -> None:
-        self.model = model
-        self.label_names = list(label_names) if label_names else None
-        self.describe_template = describe_template
-
-    def text(self, example: dict[str, Any]) -> tuple[str, str]:
-        config = self.model.config
-        if "answer" in example and example["answer"] is not None:
-            return example.get("prompt") or config.describe_prompt, str(example["answer"])
-        name = label_text(example["label"], self.label_names)
-        if example.get("describe"):
-            return config.describe_prompt, self.describe_template.format(label=name)
-        return example.get("prompt") or config.classify_prompt, name
-
-    def encode(self, example: dict[str, Any]) -> EncodedPrompt:
-        return self.model.prompts.encode(*self.text(example))
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = pad_right([self.encode(ex) for ex in examples], self.model.pad_token_id)
-        if FEATURES_COLUMN in examples[0]:
-            batch[FEATURES_COLUMN] = torch.stack([torch.as_tensor(ex[FEATURES_COLUMN]) for ex in examples]).float()
-        else:
-            batch["pixel_values"] = self.model.vision.preprocess([ex["image"] for ex in examples])
-        return batch
-
-
-def vision_fingerprint(vision: VisionTower) -> str:
-    """Identity of the encoder + preprocessing, so cached features are reused only when still valid."""
-    digest = hashlib.sha256()
-    digest.update(f"{type(vision.encoder).__qualname__}|{vision.feature_layer}|".encode())
-    processor = vision.image_processor
-    digest.update((processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor)).encode())
-    if vision.source and not os.path.isdir(vision.source.rsplit("@", 1)[0]):
-        digest.update(vision.source.encode())  # a Hub id + revision names fixed weights
-    else:  # a module or a local folder: hash the weights themselves
-        for name, tensor in sorted(vision.encoder.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def with_image_features(
-    data: datasets.Dataset,
-    vision: VisionTower,
-    *,
-    batch_size: int = 32,
-    cache_dir: str | None = None,
-    skip_bad_images: bool = False,
-    token_shape: tuple[int, int],
-) -> datasets.Dataset:
-    """Encode every image once with the frozen encoder and cache the patch features on disk (Arrow).
-
-    The cache file is keyed by the dataset's content fingerprint and the encoder's fingerprint, so
-    later epochs and later runs read it instead of running the encoder again. With
-    `skip_bad_images`, unreadable images are dropped and counted (`data.info.description`).
-    """
-    if FEATURES_COLUMN in data.column_names:
-        return data
-    key = hashlib.sha256(f"{data._fingerprint}|{vision_fingerprint(vision)}".encode()).hexdigest()[:20]
-    folder = os.path.join(cache_dir or default_cache_dir(), "features")
-    os.makedirs(folder, exist_ok=True)
-    num_tokens, hidden = token_shape
-    if isinstance(data.features["image"], datasets.Image):  # decode ourselves: clear errors, optional skipping
-        data = data.cast_column("image", datasets.Image(decode=False))
-    features = data.features.copy()
-    del features["image"]
-    features[FEATURES_COLUMN] = datasets.Array2D((num_tokens, hidden), "float32")
-    features["bad_image"] = datasets.Value("string")
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, Any]:
-        images, bad = [], []
-        for item in batch["image"]:
-            try:
-                images.append(load_image(item))
-                bad.append("")
-            except ImageLoadError as err:
-                if not skip_bad_images:
-                    raise
-                images.append(None)
-                bad.append(str(err))
-        good = [img for img in images if img is not None]
-        encoded = iter(vision.encode_images(good).numpy()) if good else iter(())
-        blank = np.zeros((num_tokens, hidden), dtype=np.float32)
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out[FEATURES_COLUMN] = [next(encoded) if img is not None else blank for img in images]
-        out["bad_image"] = bad
-        return out
-
-    encoded = data.map(
-        encode,
-        batched=True,
-        batch_size=batch_size,
-        remove_columns=["image"],
-        features=features,
-        cache_file_name=os.path.join(folder, f"{key}.arrow"),
-        new_fingerprint=key,
-        desc="Encoding images (cached)",
-    )
-    bad = [msg for msg in encoded["bad_image"] if msg]
-    encoded = encoded.filter(lambda msg: not msg, input_columns="bad_image") if bad else encoded
-    encoded = encoded.remove_columns("bad_image")
-    encoded.info.description = f"skipped {len(bad)} bad images: {bad[:20]}" if bad else ""
-    return encoded
-
-
-def features_as_tensors(data: datasets.Dataset) -> datasets.Dataset:
-    """A view whose rows hand out cached features as tensors (other columns unchanged). As nested
-    Python lists, collating 8 rows of 49 x 1280 floats took 0.11 s (6 ms as tensors), about 7% of
-    a demo training step. Apply it last: columns added afterwards would be formatted too."""
-    if FEATURES_COLUMN not in data.column_names:
-        return data
-    return data.with_format("torch", columns=[FEATURES_COLUMN], output_all_columns=True)
-
-
-def load_data(source: str, split: str = "train") -> datasets.Dataset:
-    """A dataset from where users keep one: an `imagefolder` directory (class sub-folders), a CSV /
-    JSON Lines file with an image-path column, a folder written by `save_to_disk`, or a Hub dataset id."""
-    if os.path.isdir(source):
-        if any(os.path.exists(os.path.join(source, name)) for name in ("dataset_info.json", "state.json")):
-            return datasets.load_from_disk(source)
-        loaded = datasets.load_dataset("imagefolder", data_dir=source)
-    elif source.endswith((".csv", ".json", ".jsonl")):
-        builder = "csv" if source.endswith(".csv") else "json"
-        data = datasets.load_dataset(builder, data_files=source, split="train")
-        root = os.path.dirname(os.path.abspath(source))
-        if "image" in data.column_names:  # image paths are relative to the file
-            data = data.map(lambda row: {"image": os.path.join(root, row["image"])})
-            data = data.cast_column("image", datasets.Image())
-        return data
-    else:
-        loaded = datasets.load_dataset(source)
-    if split not in loaded:
-        raise ValueError(f"{source} has splits {list(loaded)}, not {split!r}.")
-    return loaded[split]
 
 
 def split_for_eval(

@@ -1,6 +1,6 @@
 """`merge_and_export`: a trained model as a plain transformers `LlavaForConditionalGeneration`.
 
-The LoRA is merged into a full-precision copy of the LLM (never into NF4 / int8 weights, which
+The adapter is merged into a full-precision copy of the LLM (never into NF4 / int8 weights, which
 cannot hold the sum exactly), an `<image>` token is added to the tokenizer, and encoder +
 projector + merged LLM are written under transformers' Llava weight names beside a
 `LlavaProcessor`. transformers then loads the folder by itself, with no vlm_adapters code, and
@@ -8,7 +8,8 @@ computes the same logits.
 
 Only what Llava itself can express is exported: a CLIP or SigLIP vision model (`hidden_states` of
 `vision_feature_layer`, CLS dropped for CLIP), no token pooling, an `mlp2x_gelu` projector without
-the input LayerNorm (`projector_norm=False`) and a LoRA adapter (or none). Anything else raises a
+the input LayerNorm (`projector_norm=False`) and an adapter PEFT merges into weights (LoRA, DoRA,
+AdaLoRA, IA3: tested; not prefix tuning) or none. Anything else raises a
 `ValueError` that says what to change.
 """
 
@@ -16,10 +17,9 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from transformers import (
     AutoModel,
@@ -32,15 +32,16 @@ from transformers import (
 )
 from transformers.image_processing_base import ImageProcessingMixin
 
-from .language import is_quantized
-from .model import VisionLanguageModel
+from .files import write_folder_atomically
+from .llm import is_quantized
+from .modeling import VisionLanguageCore
 
 IMAGE_TOKEN = "<image>"
 # vision config model_type -> (Llava's vision_feature_select_strategy, leading non-patch tokens)
 ENCODERS = {"clip_vision_model": ("default", 1), "siglip_vision_model": ("full", 0)}
 
 
-def check_exportable(model: VisionLanguageModel) -> tuple[str, int]:
+def check_exportable(model: VisionLanguageCore) -> tuple[str, int]:
     """Raise a `ValueError` naming what transformers' Llava cannot express, and how to avoid it.
 
     Returns the vision feature select strategy and the number of CLS tokens of the encoder.
@@ -55,7 +56,7 @@ def check_exportable(model: VisionLanguageModel) -> tuple[str, int]:
             f"{f' ({model_type})' if model_type else ''}. Attach a CLIP or SigLIP vision checkpoint to export, "
             "or keep using vlm_adapters' save_pretrained / load for other encoders."
         )
-    if config.adapter == "prefix":
+    if model.num_prefix_tokens:
         raise ValueError(
             "merge_and_export cannot merge a prefix-tuning adapter: its virtual tokens are extra key/values, "
             "not weights a plain LLM has. Train with adapter='lora' (or 'none') to export."
@@ -98,11 +99,11 @@ def check_exportable(model: VisionLanguageModel) -> tuple[str, int]:
     return strategy, num_cls
 
 
-def full_precision_llm(model: VisionLanguageModel) -> PreTrainedModel:
-    """The LLM with the LoRA merged into float32 weights, on the CPU.
+def full_precision_llm(model: VisionLanguageCore) -> PreTrainedModel:
+    """The LLM with the adapter merged into float32 weights, on the CPU.
 
     A base named by path / Hub id is reloaded in float32 (the in-memory one may be NF4, int8 or
-    bfloat16) and the LoRA, saved the way `save_pretrained` saves it, is put back on and merged.
+    bfloat16) and the trained adapter weights are put on it and merged.
     An in-memory base is copied, which only works when it is not quantized.
     """
     config = model.config
@@ -117,12 +118,10 @@ def full_precision_llm(model: VisionLanguageModel) -> PreTrainedModel:
     base = AutoModelForCausalLM.from_pretrained(config.llm, revision=config.llm_revision, dtype=torch.float32)
     if not isinstance(model.llm, PeftModel):
         return base
-    with tempfile.TemporaryDirectory(prefix="vlm-adapters-lora-") as lora_dir:
-        # Only the LoRA tensors, as hub.write_adapter_files does (a full state_dict() call repacks 4-bit weights).
-        lora = {name: p.detach() for name, p in model.llm.named_parameters() if "lora_" in name}
-        model.llm.save_pretrained(lora_dir, safe_serialization=True, state_dict=lora or None)
-        merged = PeftModel.from_pretrained(base, lora_dir).merge_and_unload()
-    return merged.float()
+    # The trained adapter, moved onto the float32 base in memory through PEFT's own state-dict functions.
+    adapter = PeftModel(base, copy.deepcopy(model.llm.peft_config["default"]))
+    set_peft_model_state_dict(adapter, get_peft_model_state_dict(model.llm))
+    return adapter.merge_and_unload().float()
 
 
 def tokenizer_with_image_token(tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedTokenizerBase, int]:
@@ -153,7 +152,7 @@ def make_room_for(llm: PreTrainedModel, token_id: int) -> None:
 
 
 def build_llava(
-    model: VisionLanguageModel, llm: PreTrainedModel, image_token_id: int, strategy: str
+    model: VisionLanguageCore, llm: PreTrainedModel, image_token_id: int, strategy: str
 ) -> LlavaForConditionalGeneration:
     """Llava built on the meta device (no random initialisation of a full model), then given the
     real encoder copy, projector and merged LLM as its sub-modules under transformers' names."""
@@ -196,7 +195,7 @@ def build_llava(
     return llava.eval()
 
 
-def write_export(model: VisionLanguageModel, directory: str) -> None:
+def write_export(model: VisionLanguageCore, directory: str) -> None:
     strategy, num_cls = check_exportable(model)
     tokenizer, image_token_id = tokenizer_with_image_token(model.tokenizer)
     llm = full_precision_llm(model)
@@ -215,17 +214,15 @@ def write_export(model: VisionLanguageModel, directory: str) -> None:
     processor.save_pretrained(directory)
 
 
-def merge_and_export(model: VisionLanguageModel, directory: str | os.PathLike[str]) -> str:
-    """Merge the LoRA into a float32 copy of the LLM and write a transformers Llava checkpoint.
+def merge_and_export(model: VisionLanguageCore, directory: str | os.PathLike[str]) -> str:
+    """Merge the adapter into a float32 copy of the LLM and write a transformers Llava checkpoint.
 
     The folder holds a `LlavaForConditionalGeneration` and a `LlavaProcessor` (with an `<image>` token
     that the processor expands to one token per patch), loadable with
     `LlavaForConditionalGeneration.from_pretrained(directory)` and `AutoProcessor.from_pretrained(directory)`.
     Needs a CLIP / SigLIP encoder, `projector="mlp2x_gelu"`, `projector_norm=False`, no pooling and a
-    LoRA (or no) adapter; otherwise raises `ValueError` saying what to change. Written atomically:
+    LoRA-family / IA3 (or no) adapter; otherwise raises `ValueError` saying what to change. Written atomically:
     `directory` is either the old folder or the complete new one. Returns its absolute path.
     """
     check_exportable(model)  # before any loading or writing
-    from .hub import write_atomically
-
-    return write_atomically(directory, lambda staging: write_export(model, staging))
+    return write_folder_atomically(directory, lambda staging: write_export(model, staging))

@@ -3,8 +3,8 @@
 PEFT's LoRA forward on a 4-bit layer runs the base matmul, clones its output (a defensive copy
 kept for old torch versions), then dropout, A, B, a scaling multiply and an add: each a separate
 op and autograd node, most of them a pass over a [tokens, out_features] activation. On a CPU, at
-the few hundred tokens of a training batch, that bookkeeping took 0.18 s of a 0.86 s step of
-SmolLM2-135M (210 LoRA layers). `_LoRA4bit` computes the same function with the LoRA term added
+the few hundred tokens of a training batch, that bookkeeping is a noticeable share of a step
+(docs/concepts.md). `_LoRA4bit` computes the same function with the LoRA term added
 to the base output in place by one `addmm_`, and writes its backward by hand: the input gradient
 through the dequantized weight (as bitsandbytes' own backward does) plus the two small LoRA
 products. It replaces a layer's forward only where PEFT computes plain LoRA (no DoRA or other

@@ -13,31 +13,50 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .pixels import ImageLoadError, check_finite, stretch_to_uint8
 
 ImageInput = Any  # PIL.Image | str | os.PathLike | np.ndarray | torch.Tensor | dict from datasets
 
 
-class ImageLoadError(ValueError):
-    """An image could not be read; the message names the source and the fix."""
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 
 
-def _check_finite(array: np.ndarray) -> None:
-    # One NaN among valid values must not pass: nanmin/nanmax skip it and the cast to uint8 turns
-    # it into an arbitrary grey level without an error.
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise ImageLoadError("image array holds NaN or inf values; clean it before passing it in.")
+def _pil_suffixes() -> frozenset[str]:
+    # PIL only identifies MPEG and the stub formats (HDF5, GRIB, BUFR, WMF off Windows): they decode
+    # nothing without a handler the user registers. Save-only formats (PDF) have no opener at all.
+    def decodes(fmt: str) -> bool:
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+        return factory is not None and not stub and fmt != "MPEG"
+
+    return frozenset(suffix for suffix, fmt in Image.registered_extensions().items() if decodes(fmt))
 
 
-def _stretch_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Map a high-bit-depth or float array onto 0..255 using its own range (X-ray exports use
-    only part of the 16-bit range, so a fixed /257 would leave them nearly black)."""
-    _check_finite(array)
-    array = array.astype(np.float64)
-    low, high = float(array.min()), float(array.max())
-    if high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    return np.round((array - low) / (high - low) * 255.0).astype(np.uint8)
+IMAGE_SUFFIXES: frozenset[str] = _pil_suffixes() | DICOM_SUFFIXES
+"""Lower-case file suffixes `load_image` reads: PIL's decodable formats plus DICOM."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether a folder scan should pick up `path`: its suffix (any case) is in IMAGE_SUFFIXES."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_SUFFIXES
+
+
+def walk_files(folder: str | os.PathLike) -> list[str]:
+    """Every file under `folder` at any depth, sorted by path (as a recursive glob lists them); hidden
+    files and folders (`.DS_Store`, `.git/`, `.ipynb_checkpoints/`) are left out."""
+    found = []
+    for here, dirs, names in os.walk(folder):
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        found += [os.path.join(here, name) for name in names if not name.startswith(".")]
+    return sorted(found)
+
+
+def is_dicom(head: bytes, name: str) -> bool:
+    """Part-10 DICOM files carry 'DICM' after a 128-byte preamble; older exports and raw datasets
+    have none, and then only their suffix says DICOM."""
+    return head[128:132] == b"DICM" or os.path.splitext(name)[1].lower() in DICOM_SUFFIXES
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
@@ -55,7 +74,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if mode == "RGB":
             return image
         if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            return Image.fromarray(_stretch_to_uint8(np.asarray(image))).convert("RGB")
+            return Image.fromarray(stretch_to_uint8(np.asarray(image))).convert("RGB")
         if mode == "La":  # premultiplied grey+alpha: PIL only converts it to LA
             image = image.convert("LA")
         if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in image.info):
@@ -85,14 +104,14 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         raise ImageLoadError(
             f"cannot read an image array of dtype {array.dtype}; pass bool, integer or float pixel values."
         )
-    _check_finite(array)
+    check_finite(array)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif array.dtype != np.uint8:
         if np.issubdtype(array.dtype, np.floating) and np.nanmin(array) >= 0.0 and np.nanmax(array) <= 1.0:
             array = np.round(array * 255.0).astype(np.uint8)  # the usual [0, 1] float convention
         else:
-            array = _stretch_to_uint8(array)
+            array = stretch_to_uint8(array)
     return Image.fromarray(array)
 
 
@@ -101,11 +120,10 @@ def _decode(fileobj: Any, name: str) -> Image.Image:
     fileobj.seek(0)
     if not head:
         raise ImageLoadError(f"{name}: the file is empty (0 bytes); re-export or remove it.")
-    if head[128:132] == b"DICM":
-        raise ImageLoadError(
-            f"{name} is a DICOM file, not a PNG/JPEG. Read it with pydicom "
-            "(pydicom.dcmread(path).pixel_array) and pass the array, or export it to PNG."
-        )
+    if is_dicom(head, name):
+        from .dicom import decode_dicom  # pydicom loads only when a DICOM file arrives
+
+        return decode_dicom(fileobj, name)
     # Decompression bombs: PIL refuses images over 2 * Image.MAX_IMAGE_PIXELS (default 89.5M pixels)
     # with DecompressionBombError, turned into ImageLoadError below. Between MAX_IMAGE_PIXELS and twice
     # that it only emits Image.DecompressionBombWarning and decodes the image (up to ~540 MB as RGB).

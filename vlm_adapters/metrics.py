@@ -1,4 +1,4 @@
-"""Offline metrics and plots.
+"""Metrics and plots, computed offline.
 
 `evaluate.load(...)` fetches metric code from the Hub, which is neither possible offline nor safe
 to execute, so classification metrics come from scikit-learn and text metrics from sacrebleu
@@ -14,19 +14,26 @@ import numpy as np
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    """Accuracy, macro / weighted F1, the per-class report and the confusion matrix, over every class
+    in `names` (a class absent from the data still has its row)."""
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
     labels = list(range(len(names)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
+    report = classification_report(
+        y_true, y_pred, labels=labels, target_names=list(names), output_dict=True, zero_division=0
     )
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "macro_f1": float(report["macro avg"]["f1-score"]),
+        "weighted_f1": float(report["weighted avg"]["f1-score"]),
         "per_class": {
-            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(names, precision, recall, f1, support)
+            name: {
+                "precision": float(report[name]["precision"]),
+                "recall": float(report[name]["recall"]),
+                "f1": float(report[name]["f1-score"]),
+                "support": int(report[name]["support"]),
+            }
+            for name in names
         },
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "labels": list(names),
@@ -46,21 +53,23 @@ def text_metrics(references: Sequence[str], predictions: Sequence[str]) -> dict[
     }
 
 
-def plot_confusion_matrix(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str) -> str:
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = np.asarray(matrix)
+    return plt
+
+
+def plot_confusion_matrix(matrix: Sequence[Sequence[int]], names: Sequence[str], path: str) -> str:
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(names), 0.8 + 0.6 * len(names)))
-    ax.imshow(data, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for (i, j), value in np.ndenumerate(data):
-        ax.text(j, i, str(value), ha="center", va="center", color="white" if value > data.max() / 2 else "black")
+    display = ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(names))
+    display.plot(ax=ax, cmap="Blues", xticks_rotation=45, colorbar=False)
+    ax.set(xlabel="predicted", ylabel="true")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -69,11 +78,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], names: Sequence[str],
 
 def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str) -> str:
     """Training loss per logging step and every eval metric per evaluation, from Trainer's log_history."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     train = [(row["step"], row["loss"]) for row in log_history if "loss" in row and "step" in row]
     evals = [row for row in log_history if any(k.startswith("eval_") for k in row)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))

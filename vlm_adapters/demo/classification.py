@@ -2,7 +2,7 @@
 classify and describe Fashion-MNIST, and compare it with a linear probe on the same frozen features.
 
 It uses only the public API (`attach`, `fit`, `evaluate`, `classify`, `describe`, `save_pretrained`,
-`load`); the real assets enter through `vlm_adapters.assets` exactly as Hub ids would.
+`load`); the real assets enter through `vlm_adapters.demo.assets` exactly as Hub ids would.
 """
 
 from __future__ import annotations
@@ -19,24 +19,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..builder import attach, load
+from ..features import FEATURES_COLUMN, with_image_features
 from .assets import efficientnet_lite0, fashion_mnist, smollm2_instruct
-from .attach import attach
-from .data import FEATURES_COLUMN, with_image_features
-from .hub import load
 
 
 @dataclass
 class DemoOptions:
-    """Sizes of the demo run. From an empty cache on a 2-core CPU the defaults took 8 minutes with fp32
-    compute (85.6% against the linear probe's 86.2%; 87.0% with bf16 on the same CPU, 8.5 minutes),
-    see docs/results.md; a higher LoRA learning rate or batches of 16 scored lower, and one epoch over
-    more images beat two over fewer."""
+    """Sizes and options of the demo run (docs/results.md records runs of these defaults and of others)."""
 
     output_dir: str = "runs/demo"
     train_per_class: int = 280
     test_per_class: int = 50
     zero_shot_per_class: int = 10
     describe_images: int = 30
+    describe_max_new_tokens: int = 16
     num_train_epochs: float = 1.0
     num_image_tokens: int = 16
     learning_rate: float = 5e-4
@@ -89,13 +86,11 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
     os.makedirs(opts.output_dir, exist_ok=True)
 
     with phase(report, "setup (assets)"):
-        llm_path = smollm2_instruct()
         encoder, processor = efficientnet_lite0()
         train = fashion_mnist("train", per_class=opts.train_per_class, seed=opts.seed)
         test = fashion_mnist("test", per_class=opts.test_per_class, seed=opts.seed)
-        names = train.features["label"].names
         model = attach(
-            encoder, llm_path, image_processor=processor, adapter="lora", quantization="nf4",
+            encoder, smollm2_instruct(), image_processor=processor, adapter="lora", quantization="nf4",
             num_image_tokens=opts.num_image_tokens, system_prompt=opts.system_prompt, seed=opts.seed,
             compute_dtype=opts.compute_dtype,
         )
@@ -109,11 +104,37 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
         figures["linear_probe_accuracy"] = linear_probe(train_f, test_f, opts.seed)
         print(f"linear probe accuracy: {figures['linear_probe_accuracy']:.3f}")
 
-    with phase(report, "zero-shot evaluation"):
-        subset = test_f.shuffle(seed=opts.seed).select(range(min(len(test_f), opts.zero_shot_per_class * len(names))))
-        figures["zero_shot_accuracy"] = model.evaluate(subset)["accuracy"]
-        print(f"zero-shot accuracy ({len(subset)} images): {figures['zero_shot_accuracy']:.3f}")
+    _zero_shot(report, model, test_f, opts)
+    _fine_tune(report, model, train_f, opts)
 
+    with phase(report, "evaluate (label scoring)"):
+        metrics = model.evaluate(test_f, output_dir=opts.output_dir)
+        figures.update(
+            accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"], per_class=metrics["per_class"],
+            test_images=len(test_f),
+        )
+
+    names = train.features["label"].names
+    images = [test[i]["image"] for i in range(min(opts.describe_images, len(test)))]
+    truth = [names[test[i]["label"]] for i in range(len(images))]
+    _describe(report, model, images, truth, names, opts.describe_max_new_tokens)
+    _save_and_reload(report, model, images[:8], names, encoder, processor, opts)
+    figures["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    with open(os.path.join(opts.output_dir, "report.json"), "w", encoding="utf-8") as fh:
+        json.dump(asdict(report), fh, indent=2)
+    print(format_report(report))
+    return report
+
+
+def _zero_shot(report: DemoReport, model: Any, test_f: Any, opts: DemoOptions) -> None:
+    with phase(report, "zero-shot evaluation"):
+        count = min(len(test_f), opts.zero_shot_per_class * len(test_f.features["label"].names))
+        subset = test_f.shuffle(seed=opts.seed).select(range(count))
+        report.figures["zero_shot_accuracy"] = model.evaluate(subset)["accuracy"]
+        print(f"zero-shot accuracy ({len(subset)} images): {report.figures['zero_shot_accuracy']:.3f}")
+
+
+def _fine_tune(report: DemoReport, model: Any, train_f: Any, opts: DemoOptions) -> None:
     with phase(report, "fine-tune (projector + LoRA, NF4)"):
         result = model.fit(
             train_f,
@@ -126,45 +147,35 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
             save_strategy="no",
             seed=opts.seed,
         )
-        figures["train_loss"] = result["train_loss"]
-        figures["train_samples_per_second"] = result["train_samples_per_second"]
+        report.figures["train_loss"] = result["train_loss"]
+        report.figures["train_samples_per_second"] = result["train_samples_per_second"]
 
-    with phase(report, "evaluate (label scoring)"):
-        metrics = model.evaluate(test_f, output_dir=opts.output_dir)
-        figures.update(
-            accuracy=metrics["accuracy"], macro_f1=metrics["macro_f1"], per_class=metrics["per_class"],
-            test_images=len(test_f),
-        )
 
+def _describe(
+    report: DemoReport, model: Any, images: list[Any], truth: list[str], names: list[str], max_new_tokens: int
+) -> None:
     with phase(report, "describe"):
-        images = [test[i]["image"] for i in range(min(opts.describe_images, len(test)))]
-        texts = model.describe(images, max_new_tokens=16)
-        truth = [names[test[i]["label"]] for i in range(len(images))]
+        texts = model.describe(images, max_new_tokens=max_new_tokens)
         hits = [name.lower() in text.lower() for name, text in zip(truth, texts)]
-        figures["describe_hit_rate"] = float(np.mean(hits))
-        figures["describe_examples"] = [{"label": n, "text": t} for n, t in zip(truth[:5], texts[:5])]
-        figures["classify_examples"] = [
-            {"label": n, "top3": dict(list(p.items())[:3])}
-            for n, p in zip(truth[:3], model.classify(images[:3], names))
-        ]
+        report.figures["describe_hit_rate"] = float(np.mean(hits))
+        report.figures["describe_examples"] = [{"label": n, "text": t} for n, t in zip(truth[:5], texts[:5])]
+        top3 = [dict(list(p.items())[:3]) for p in model.classify(images[:3], names)]
+        report.figures["classify_examples"] = [{"label": n, "top3": t} for n, t in zip(truth[:3], top3)]
 
+
+def _save_and_reload(
+    report: DemoReport, model: Any, check: list[Any], names: list[str], encoder: Any, processor: Any, opts: DemoOptions
+) -> None:
     with phase(report, "save + reload"):
         adapter_dir = model.save_pretrained(os.path.join(opts.output_dir, "adapter"))
         reloaded = load(adapter_dir, vision=encoder, image_processor=processor)
-        check = images[:8]
         before = [max(p, key=p.get) for p in model.classify(check, names)]
         after = [max(p, key=p.get) for p in reloaded.classify(check, names)]
-        figures["reload_same_predictions"] = before == after
-        figures["adapter_dir"] = adapter_dir
-        figures["adapter_mb"] = round(
+        report.figures["reload_same_predictions"] = before == after
+        report.figures["adapter_dir"] = adapter_dir
+        report.figures["adapter_mb"] = round(
             sum(os.path.getsize(os.path.join(adapter_dir, f)) for f in os.listdir(adapter_dir)) / 1e6, 2
         )
-
-    figures["peak_rss_gb"] = round(peak_rss_gb(), 2)
-    with open(os.path.join(opts.output_dir, "report.json"), "w", encoding="utf-8") as fh:
-        json.dump(asdict(report), fh, indent=2)
-    print(format_report(report))
-    return report
 
 
 def format_report(report: DemoReport) -> str:

@@ -1,27 +1,32 @@
-"""The language side: a causal LLM loaded in NF4 / int8 / full precision, with a PEFT adapter."""
+"""The language side: a causal LLM loaded in NF4 / int8 / full precision (its PEFT adapter: `adapters.py`)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
-import time
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from .compute_dtype import cpu_compute_dtype
 from .config import AdapterConfig
-from .fast_lora import fuse_lora_4bit
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or accelerate's choice: under torchrun each rank takes its own GPU (`cuda:LOCAL_RANK`)."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            # On a CPU, leave accelerate's process state to TrainingArguments (use_cpu), which sets it up
+            # for multi-process runs; creating it here first would fix it without the CPU flag.
+            return torch.device("cpu")
+        from accelerate import PartialState
+
+        return PartialState().device
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
@@ -34,33 +39,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def native_compute_dtype(device: torch.device) -> str:
     """The faster of bfloat16 and float32 on `device`; NF4 weights are dequantized to it.
 
-    CUDA: bfloat16 where supported. CPU: AVX512-BF16 alone does not make bf16 faster. On a
-    Xeon with AVX512-BF16 but no AMX, a bf16 matmul of LLM shapes ran at 170 GFLOP/s against
-    310 for fp32, while an earlier machine ran bf16 2.4x faster than fp32. So the two are timed
-    on a matmul of LLM shapes (tens of ms, once per attach), and bf16 is taken only when it is clearly faster.
-    `attach` writes the result into the saved config, so a reload computes the same way.
+    CUDA: bfloat16 where supported. CPU: AVX512-BF16 alone does not make bf16 faster (some CPUs
+    with it run fp32 matmuls faster, others bf16; docs/benchmarks.md), so the two are timed, once
+    per machine (`compute_dtype.py`). `attach` writes the result into the saved config, so a reload
+    computes the same way.
     """
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     if device.type != "cpu":
         return "float32"
-    return faster_dtype(_matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16))
-
-
-def faster_dtype(fp32_seconds: float, bf16_seconds: float) -> str:
-    """bfloat16 only when it is clearly (>= 1.25x) faster: fp32 is the more exact of the two."""
-    return "bfloat16" if bf16_seconds < 0.8 * fp32_seconds else "float32"
-
-
-def _matmul_seconds(dtype: torch.dtype, tokens: int = 256, width: int = 1024) -> float:
-    """Best of 3 timings of a [tokens, width] x [width, width] matmul (after one warm-up)."""
-    x, w = torch.ones(tokens, width, dtype=dtype), torch.ones(width, width, dtype=dtype)
-    times = []
-    for _ in range(4):
-        start = time.perf_counter()
-        x @ w.T
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+    return cpu_compute_dtype()
 
 
 def quantization_config(config: AdapterConfig) -> BitsAndBytesConfig | None:
@@ -147,7 +135,7 @@ class _MappedTensor:
 
     Each one maps its file anew and returns a view of that mapping, so the pages leave the process
     when transformers drops the tensor after quantizing it. Reading into anonymous memory instead
-    (safetensors' `pread` backend) left the heap fragmented: a 1.1B Llama peaked at 2,302 MiB, not 1,969.
+    (safetensors' `pread` backend) left the heap fragmented and the peak higher (docs/benchmarks.md).
     """
 
     def __init__(self, path: str, key: str) -> None:
@@ -176,7 +164,7 @@ def _release_free_heap() -> None:
 
     Quantizing a tensor allocates full-precision temporaries of tens of MB, and glibc serves
     the next ones from its heap between the small quantized blocks it keeps, so freed pages
-    stayed resident: a 1.1B Llama ended its NF4 load 250 MiB above its weights. Trimming before
+    stayed resident well above the weights at the end of a load. Trimming before
     each tensor returns them.
     """
     libc = _libc()
@@ -191,7 +179,7 @@ def disable_cpu_4bit_repacking(model: nn.Module) -> None:
     in place and keeps it that way. Back in train mode `matmul_4bit` still takes that kernel, which
     has no autograd, so no gradient reaches the layers below or the projector (bitsandbytes 0.50: a
     zero-shot evaluation before `fit` silently ruined training), and unpacking is not exact. The
-    plain path is ~1.5x slower per 4-bit matmul at inference, and always right.
+    plain path is slower per 4-bit matmul at inference, and always right.
     """
     from bitsandbytes.nn import Linear4bit
 
@@ -202,51 +190,3 @@ def disable_cpu_4bit_repacking(model: nn.Module) -> None:
 
 def is_quantized(model: PreTrainedModel) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
-def peft_config(config: AdapterConfig) -> LoraConfig | PrefixTuningConfig | None:
-    if config.adapter == "lora":
-        return LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules,
-        )
-    if config.adapter == "prefix":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_prefix_tokens)
-    return None
-
-
-def add_adapter(llm: PreTrainedModel, config: AdapterConfig) -> PreTrainedModel | PeftModel:
-    """Freeze the LLM and wrap it with the configured PEFT adapter (or leave it frozen for 'none')."""
-    if is_quantized(llm):
-        # Casts norms to fp32 and makes input embeddings require grad; checkpointing is the Trainer's choice.
-        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
-        disable_cpu_4bit_repacking(llm)
-    llm.requires_grad_(False)
-    peft_cfg = peft_config(config)
-    if peft_cfg is None:
-        return llm
-    model = get_peft_model(llm, peft_cfg)
-    fuse_lora_4bit(model)
-    return model
-
-
-def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) -> PreTrainedModel | PeftModel:
-    """Put saved PEFT weights (safetensors only) back on a freshly loaded base."""
-    if config.adapter == "none":
-        return add_adapter(llm, config)
-    if is_quantized(llm):
-        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
-        disable_cpu_4bit_repacking(llm)
-    llm.requires_grad_(False)
-    # PEFT refuses to load prompt-learning adapters as trainable; their prompt encoder is unfrozen
-    # by hand so a loaded prefix adapter can be trained further, like a loaded LoRA.
-    prompt_learning = config.adapter == "prefix"
-    model = PeftModel.from_pretrained(llm, directory, is_trainable=not prompt_learning, use_safetensors=True)
-    if prompt_learning:
-        for name, param in model.named_parameters():
-            param.requires_grad_("prompt_encoder" in name)
-    fuse_lora_4bit(model)
-    return model
