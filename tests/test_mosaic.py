@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from vlm_adapters import assets
-from vlm_adapters.mosaic import (
+from vlm_adapters.demo import assets
+from vlm_adapters.demo.mosaic_data import (
     POSITIONS,
     ask,
     build_mosaics,
@@ -21,6 +21,7 @@ from vlm_adapters.mosaic import (
     question_metrics,
     task_rows,
 )
+from vlm_adapters.demo.mosaic_report import SECTION_END, SECTION_START, write_results_section
 
 needs_fashion_mnist = pytest.mark.skipif(
     not os.path.isdir(assets.FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist"
@@ -154,3 +155,17 @@ def test_metrics_on_hand_made_predictions() -> None:
     q = question_metrics(rows, ["2", "one", "No.", "bottom left"])
     assert q["count"]["accuracy"] == 0.5 and q["count"]["n"] == 2
     assert q["yes_no"]["accuracy"] == 1.0 and q["where"]["accuracy"] == 0.0
+
+
+def test_results_section_replaces_the_earlier_one_and_keeps_the_rest(tmp_path) -> None:
+    results, png = tmp_path / "results.md", tmp_path / "run" / "mosaic_captions.png"
+    png.parent.mkdir()
+    png.write_bytes(b"png")
+    results.write_text("# Demo results\n\nclassification table\n")
+    write_results_section(str(results), "| first table |", str(png))
+    write_results_section(str(results), "| second table |", str(png))
+    text = results.read_text()
+    assert text.startswith("# Demo results\n\nclassification table\n")
+    assert text.count(SECTION_START) == 1 == text.count(SECTION_END)
+    assert "| second table |" in text and "| first table |" not in text
+    assert (tmp_path / "mosaic_captions.png").read_bytes() == b"png"

@@ -155,7 +155,7 @@ def _rate(hits: Sequence[bool]) -> dict[str, float]:
 
 def caption_metrics(cells: Sequence[Sequence[str]], texts: Sequence[str]) -> dict[str, Any]:
     """Per-cell accuracy of the parsed captions, all four cells right, exact string match, BLEU, ROUGE-L."""
-    from .metrics import text_metrics
+    from ..metrics import text_metrics
 
     parsed = [parse_caption(text) for text in texts]
     per_cell = [p == t for truth, guess in zip(cells, parsed, strict=True) for t, p in zip(truth, guess)]
