@@ -117,11 +117,14 @@ def generate(model: Any, features: torch.Tensor, prompts: Sequence[str], max_new
     return out
 
 
-def score(model: Any, features: torch.Tensor, cells: list, questions: list[dict], opts: MosaicOptions) -> dict:
-    """Caption and per-question-type metrics of one model on the first len(cells) test mosaics."""
+def score(
+    model: Any, features: torch.Tensor, cells: list, questions: list[dict], opts: MosaicOptions, listed: bool = False
+) -> dict:
+    """Caption and per-question-type metrics of one model on the first len(cells) test mosaics. A model
+    trained to name the cells before its answer (`listed`) gets the caption's tokens on top."""
     captions = generate(model, features[: len(cells)], [CAPTION_PROMPT] * len(cells), opts.max_new_tokens)
     questions = [q for q in questions if q["mosaic"] < len(cells)]
-    answer_tokens = opts.max_new_tokens + opts.answer_max_new_tokens if opts.cells_first else opts.answer_max_new_tokens
+    answer_tokens = opts.answer_max_new_tokens + (opts.max_new_tokens if listed else 0)
     picked = features[[q["mosaic"] for q in questions]]
     answers = generate(model, picked, [q["prompt"] for q in questions], answer_tokens)
     return {
@@ -198,7 +201,7 @@ def run_mosaic_demo(options: MosaicOptions | None = None) -> DemoReport:
         fitted = model.fit(dataset, **train_args(opts, opts.output_dir + "/run"))
         res["train"] = {"rows": len(rows), "train_loss": fitted["train_loss"]}
     with phase(report, "evaluate"):
-        res["trained"] = score(model, test_features, test["cells"], questions, opts)
+        res["trained"] = score(model, test_features, test["cells"], questions, opts, listed=opts.cells_first)
     res["process_cpu_s"] = round(time.process_time() - cpu_start, 1)
     res["torch_threads"] = torch.get_num_threads()
     res["examples"] = examples(test["cells"], questions, res["trained"])
