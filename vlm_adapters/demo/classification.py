@@ -193,9 +193,9 @@ def _mosaics(report: DemoReport, model: Any, opts: DemoOptions) -> None:
         for column in ("prompt", "answer"):
             data = data.add_column(column, [r[column] for r in rows])
         model.fit(
-            data, output_dir=os.path.join(opts.output_dir, "mosaic_run"), learning_rate=opts.learning_rate,
-            projector_lr=opts.projector_lr, per_device_train_batch_size=opts.per_device_train_batch_size,
-            save_strategy="no", seed=opts.seed,
+            data, output_dir=os.path.join(opts.output_dir, "mosaic_run"), num_train_epochs=opts.num_train_epochs,
+            learning_rate=opts.learning_rate, projector_lr=opts.projector_lr,
+            per_device_train_batch_size=opts.per_device_train_batch_size, save_strategy="no", seed=opts.seed,
         )
         test = build_mosaics("test", opts.mosaic_test, opts.seed)
         captions = model.describe(list(test["image"]), max_new_tokens=40)

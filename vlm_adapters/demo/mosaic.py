@@ -33,9 +33,9 @@ class MosaicOptions:
 
     output_dir: str = "runs/mosaic"
     results_md: str | None = "docs/results.md"
-    train_mosaics: int = 1000
-    test_mosaics: int = 250
-    baseline_mosaics: int = 50
+    train_mosaics: int = 500
+    test_mosaics: int = 100
+    baseline_mosaics: int = 20
     questions_per_mosaic: int = 1
     test_questions_per_mosaic: int = 2
     cells_first: bool = True
@@ -46,7 +46,7 @@ class MosaicOptions:
     projector_lr: float = 1e-3
     lora_r: int = 16
     per_device_train_batch_size: int = 8
-    classifier_per_class: int = 40
+    classifier_per_class: int = 20
     max_new_tokens: int = 40
     answer_max_new_tokens: int = 8
     system_prompt: str = "You describe images."
