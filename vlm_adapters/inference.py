@@ -94,15 +94,16 @@ class InferenceMixin:
             )
         return cache
 
-    def _prompt(self, features: torch.Tensor, prompt: str, tree: CandidateTree | None = None) -> tuple[Any, ...]:
-        """One pass over image + prompt (+ the candidate tree's tokens). Returns log-probs at the
-        prompt's last position (and at every fed candidate token), the KV cache and the prompt length."""
+    def _prompt(self, image_embeds: torch.Tensor, prompt: str, tree: CandidateTree | None = None) -> tuple[Any, ...]:
+        """One pass over image + prompt (+ the candidate tree's tokens), from projected image embeddings
+        [B, k, d]. Returns log-probs at the prompt's last position (and at every fed candidate token),
+        the KV cache and the prompt length."""
         ids = self.prompts.encode(prompt).input_ids
         head = ids.index(IMAGE_TOKEN_ID)
         fed = list(tree.fed_tokens) if tree else []
-        cache = self._context(ids[:head], features.shape[0])
-        rest = torch.tensor(ids[head:] + fed, device=self.device).expand(features.shape[0], -1)
-        embeds = self.embed(rest, self.image_embeddings(image_features=features))
+        cache = self._context(ids[:head], image_embeds.shape[0])
+        rest = torch.tensor(ids[head:] + fed, device=self.device).expand(image_embeds.shape[0], -1)
+        embeds = self.embed(rest, image_embeds)
         length = len(ids)
         visible = tree.attention(length)[head:, head:] if tree else torch.ones(len(rest[0]), len(rest[0])).tril().bool()
         positions = torch.tensor(list(range(head, length)) + (tree.positions(length) if tree else []))
@@ -113,8 +114,13 @@ class InferenceMixin:
     @inference
     def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
         """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after image + prompt."""
+        return self.label_log_likelihoods(self.image_embeddings(image_features=features), labels, prompt)
+
+    def label_log_likelihoods(self, image_embeds: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
+        """`score_labels` from projected image embeddings [B, k, d], outside `inference`'s no-grad: what
+        `explain` occludes and differentiates. The caller sets eval mode."""
         tree = CandidateTree.build([self.prompts.answer_ids(label) for label in labels])
-        logprobs, _, _ = self._prompt(features, prompt, tree)
+        logprobs, _, _ = self._prompt(image_embeds, prompt, tree)
         return tree.scores(logprobs)
 
     @inference
@@ -126,7 +132,7 @@ class InferenceMixin:
         of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie."""
         candidates = [self.prompts.answer_ids(label) for label in labels]
         first = torch.tensor([c[0] for c in candidates], device=self.device)
-        logprobs, cache, length = self._prompt(features, prompt)
+        logprobs, cache, length = self._prompt(self.image_embeddings(image_features=features), prompt)
         last = logprobs[:, -1]  # [B, V] at the prompt's last position
         bound = last[:, first]  # [B, K]
         scores = torch.full_like(bound, -torch.inf)
@@ -169,7 +175,7 @@ class InferenceMixin:
     @inference
     def generate_from_features(self, features: torch.Tensor, prompt: str, max_new_tokens: int) -> list[str]:
         """Greedy decoding from cached encoder features (one pass over the prompt, then one token per step)."""
-        logprobs, cache, length = self._prompt(features, prompt)
+        logprobs, cache, length = self._prompt(self.image_embeddings(image_features=features), prompt)
         logp = logprobs[:, -1]
         tokens: list[torch.Tensor] = []
         done = torch.zeros(features.shape[0], dtype=torch.bool, device=self.device)
