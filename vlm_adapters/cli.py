@@ -20,6 +20,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from .cli_explain import ExplainOptions, cmd_explain
 from .config import AttachOptions, FitOptions
 
 
@@ -187,6 +188,7 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     ),
     "evaluate": (EvaluateOptions.__doc__ or "", lambda: ((EvaluateOptions,), cmd_evaluate)),
     "predict": (PredictOptions.__doc__ or "", lambda: ((PredictOptions,), cmd_predict)),
+    "explain": (ExplainOptions.__doc__ or "", lambda: ((ExplainOptions,), cmd_explain)),
     "push": (PushOptions.__doc__ or "", lambda: ((PushOptions,), cmd_push)),
     "convert-gguf": (ConvertOptions.__doc__ or "", lambda: ((ConvertOptions,), cmd_convert)),
 }
