@@ -1,0 +1,183 @@
+"""Which attribution method should `model.explain` use? The pointing game on a task whose evidence
+sits at a known place: a coloured square (label = its colour) at a random position on grey noise,
+trained by `fit` on the tiny models of tests/conftest.py. A method scores a hit when the peak of its
+heatmap (stretched over the image) lies inside the square; chance is the square's share of the image.
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/explain_methods.py --seeds 0,1,2 --test_per_class 50
+
+Candidates: occlusion of each image token (mean-token or zero baseline; target the label's
+log-probability among the labels, or its raw log-likelihood), gradient x input on the projected
+tokens, attention rollout through the LLM, and a random map (the chance check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from conftest import object_dataset, save_llm, save_vision  # noqa: E402 - the tests' tiny models and task
+
+from vlm_adapters import attach  # noqa: E402
+from vlm_adapters.explain import _eval_mode, _grid_shape, seen_box, upsample  # noqa: E402
+
+LABELS = ["red", "green", "blue"]
+
+
+def log_odds(scores: torch.Tensor, index: int) -> torch.Tensor:
+    others = torch.cat([scores[:, :index], scores[:, index + 1 :]], 1)
+    return scores[:, index] - others.logsumexp(-1)
+
+
+def log_prob(scores: torch.Tensor, index: int) -> torch.Tensor:
+    return scores.log_softmax(-1)[:, index]
+
+
+def occlusion_method(target: Callable, baseline: str = "mean", window: int = 1) -> Callable:
+    @torch.no_grad()
+    def run(model, embeds, index, prompt):
+        masks = _windows(_grid_shape(embeds.shape[1], 1, 1), window)  # [M, k] bool
+        fill = embeds.mean(1, keepdim=True) if baseline == "mean" else torch.zeros_like(embeds[:, :1])
+        copies = torch.where(masks[:, :, None], fill, embeds)
+        with model.reuse_prompt_cache():
+            reference = target(model.label_log_likelihoods(embeds, LABELS, prompt), index)
+            drops = torch.cat([reference - target(model.label_log_likelihoods(c, LABELS, prompt), index)
+                               for c in copies.split(64)])
+        return (masks * drops[:, None]).sum(0) / masks.sum(0)  # each token: mean drop of the windows over it
+
+    return run
+
+
+def _windows(grid: tuple[int, int], size: int) -> torch.Tensor:
+    """Every size x size window of the token grid (partial ones at the borders), as masks [M, rows*cols]."""
+    rows, cols = grid
+    masks = []
+    for top in range(1 - size, rows):
+        for left in range(1 - size, cols):
+            mask = torch.zeros(rows, cols, dtype=torch.bool)
+            mask[max(top, 0) : top + size, max(left, 0) : left + size] = True
+            masks.append(mask.flatten())
+    return torch.stack(masks)
+
+
+def gradient_method(baseline: str) -> Callable:
+    def run(model, embeds, index, prompt):
+        embeds = embeds.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(log_odds(model.label_log_likelihoods(embeds, LABELS, prompt), index), embeds)
+        reference = embeds.mean(1, keepdim=True) if baseline == "mean" else 0.0
+        return (grad * (embeds - reference)).sum(-1)[0].detach()
+
+    return run
+
+
+@torch.no_grad()
+def attention_rollout(model, embeds, index, prompt):
+    """Abnar & Zuidema (2020): head-averaged attention + identity, multiplied over the LLM's layers,
+    read at the position that predicts the label's first token, over the image tokens."""
+    from vlm_adapters.prompting import IMAGE_TOKEN_ID
+
+    ids = torch.tensor([model.prompts.encode(prompt).input_ids])
+    model.base_llm.set_attn_implementation("eager")  # sdpa returns no attention weights
+    try:
+        out = model.base_llm(inputs_embeds=model.embed(ids, embeds), output_attentions=True)
+    finally:
+        model.base_llm.set_attn_implementation("sdpa")
+    rollout = torch.eye(ids.shape[1])
+    for layer in out.attentions:
+        attention = 0.5 * layer[0].float().mean(0) + 0.5 * torch.eye(ids.shape[1])
+        rollout = (attention / attention.sum(-1, keepdim=True)) @ rollout
+    return rollout[-1, ids[0] == IMAGE_TOKEN_ID]
+
+
+def random_map(model, embeds, index, prompt):
+    return torch.rand(embeds.shape[1])
+
+
+METHODS = {
+    "occlusion, mean token, log-odds": occlusion_method(log_odds),
+    "occlusion, mean token, log p(label | labels)": occlusion_method(log_prob),
+    "occlusion, zero token, log-odds": occlusion_method(log_odds, "zero"),
+    "occlusion, 2x2 windows, mean token, log-odds": occlusion_method(log_odds, window=2),
+    "occlusion, 2x2 windows, mean token, log p(label | labels)": occlusion_method(log_prob, window=2),
+    "occlusion, 3x3 windows, mean token, log-odds": occlusion_method(log_odds, window=3),
+    "gradient x input, log-odds": gradient_method("zero"),
+    "gradient x (input - mean token), log-odds": gradient_method("mean"),
+    "attention rollout": attention_rollout,
+    "random map (chance check)": random_map,
+}
+
+
+def train(seed: int, args, root: str):
+    train_ds, _ = object_dataset(args.train_per_class, seed=100 + seed, size=args.size, side=args.side)
+    model = attach(args.vit, args.llm, adapter=args.adapter, seed=seed, num_image_tokens=args.num_image_tokens,
+                   vision_feature_layer=args.feature_layer)
+    model.fit(train_ds, output_dir=os.path.join(root, f"run{seed}"), num_train_epochs=args.epochs,
+              learning_rate=5e-3, projector_lr=5e-3, disable_tqdm=True, save_strategy="no", seed=seed,
+              logging_steps=1000)
+    return model
+
+
+def score_seed(model, args, seed: int, hits: dict, costs: dict) -> float:
+    test_ds, boxes = object_dataset(args.test_per_class, seed=200 + seed, size=args.size, side=args.side)
+    prompt = model.config.classify_prompt
+    correct = 0
+    for row, box in zip(test_ds, boxes):
+        image = row["image"].convert("RGB")
+        with _eval_mode(model), torch.no_grad():
+            pixels = model.vision.preprocess([image])
+            embeds = model.image_embeddings(image_features=model.vision(pixels))
+            correct += int(model.label_log_likelihoods(embeds, LABELS, prompt)[0].argmax()) == row["label"]
+        index = row["label"]  # the pointing game explains the true label
+        for name, method in METHODS.items():
+            start = time.perf_counter()
+            with _eval_mode(model):
+                per_token = method(model, embeds, index, prompt)
+            costs.setdefault(name, []).append(time.perf_counter() - start)
+            grid = per_token.reshape(_grid_shape(per_token.numel(), *pixels.shape[-2:])).cpu().numpy()
+            heat = upsample(grid, seen_box(model.vision.image_processor, *image.size), *image.size)
+            y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+            hits.setdefault(name, []).append(box[0] <= x < box[2] and box[1] <= y < box[3])
+    return correct / len(test_ds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--train_per_class", type=int, default=40)
+    parser.add_argument("--test_per_class", type=int, default=50)
+    parser.add_argument("--epochs", type=float, default=6)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--side", type=int, default=16)
+    parser.add_argument("--num_image_tokens", type=int, default=None)
+    parser.add_argument("--adapter", default="lora")
+    parser.add_argument("--feature_layer", type=int, default=-2, help="0: the ViT's patch embeddings (local)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = tempfile.mkdtemp(prefix="explain-methods-")
+    args.llm = save_llm(os.path.join(root, "llm"))
+    args.vit = save_vision(os.path.join(root, "vit"), image_size=args.size)
+    hits: dict[str, list[bool]] = {}
+    costs: dict[str, list[float]] = {}
+    for seed in (int(s) for s in args.seeds.split(",")):
+        start = time.perf_counter()
+        model = train(seed, args, root)
+        accuracy = score_seed(model, args, seed, hits, costs)
+        print(f"seed {seed}: accuracy {accuracy:.3f}, fit + scoring {time.perf_counter() - start:.0f} s", flush=True)
+    share = args.side**2 / args.size**2
+    print(f"\n{len(next(iter(hits.values())))} held-out images, chance (square's share of the image) = {share:.3f}\n")
+    print("| method | pointing game | ms / image |\n|---|---|---|")
+    for name in METHODS:
+        print(f"| {name} | {np.mean(hits[name]):.3f} | {1000 * np.median(costs[name]):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
