@@ -213,7 +213,8 @@ def object_dataset(n_per_class: int, seed: int = 0, size: int = 64, side: int = 
     names = list(COLOURS)
     rows = [(*object_image(name, rng, size, side), i) for i, name in enumerate(names) for _ in range(n_per_class)]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    dataset = datasets.Dataset.from_dict({"image": [r[0] for r in rows], "label": [r[2] for r in rows]}, features=features)
+    columns = {"image": [r[0] for r in rows], "label": [r[2] for r in rows]}
+    dataset = datasets.Dataset.from_dict(columns, features=features)
     return dataset, [r[1] for r in rows]
 
 

@@ -199,22 +199,31 @@ def test_nf4_base_by_repo_id_is_quantized_from_the_hub_cache_offline(tmp_path, l
     assert ours.name_or_path == "me/tiny-llm"
 
 
-@pytest.mark.parametrize(("adapter", "method"), [("lora", "LORA"), (AdaLoraConfig(total_step=10), "ADALORA")])
-def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_dir, vit_dir, fake_hub, adapter, method):
-    """Only the HTTP layer is replaced: huggingface_hub builds the real create-repo and commit requests."""
+@pytest.mark.parametrize(("adapter", "method", "with_app"), [
+    ("lora", "LORA", False), ("lora", "LORA", True), (AdaLoraConfig(total_step=10), "ADALORA", False)])
+def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(
+    tmp_path, llm_dir, vit_dir, fake_hub, adapter, method, with_app
+):
+    """Only the HTTP layer is replaced: huggingface_hub builds the real create-repo and commit requests.
+    With `with_app`, the Space's app.py and requirements.txt go up too, and the card names the SDK."""
     model = attach(vit_dir, llm_dir, adapter=adapter)
     # the names a Hub user's config holds (the model card lists them as its bases and dataset)
     model.config.llm, model.config.vision = "HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"
     model.config.dataset = "me/colour-squares"
-    url = model.push_to_hub("me/colours", token="hf_SecretToken0123456789", private=True)
+    url = model.push_to_hub("me/colours", token="hf_SecretToken0123456789", private=True, with_app=with_app)
     assert url.endswith("c" * 40)
     create = next(r for r in fake_hub if r.url.path == "/api/repos/create")
     assert json.loads(create.content) == {"name": "colours", "organization": "me", "visibility": "private"}
     assert create.headers["authorization"] == "Bearer hf_SecretToken0123456789"
     uploaded = uploaded_files(fake_hub)
+    app_files = {"app.py", "requirements.txt"} if with_app else set()
     assert set(uploaded) == {CONFIG_NAME, "projector.safetensors", "adapter_config.json",
-                             "adapter_model.safetensors", "README.md"}
+                             "adapter_model.safetensors", "README.md"} | app_files
     card = ModelCard(uploaded["README.md"].decode())
+    assert (card.data.get("sdk"), card.data.get("app_file")) == (("gradio", "app.py") if with_app else (None, None))
+    if with_app:
+        app = uploaded["app.py"].decode()
+        assert "serve(load(here)" in app and "colours (vlm_adapters)" in app
     assert card.data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"]
     assert card.data.datasets == ["me/colour-squares"] and card.data.pipeline_tag == "image-text-to-text"
     assert card.data.library_name == "vlm_adapters" and method.lower() in card.data.tags

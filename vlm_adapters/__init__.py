@@ -7,9 +7,17 @@ pulls in none of torch, transformers, PEFT, bitsandbytes, datasets or scikit-lea
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# On CPUs with AVX512-BF16, importing bitsandbytes (PEFT does) logs "Failed to load CPU gemm_4bit_forward
+# from kernels-community" when the `kernels` package is absent. That kernel serves only the repacked 4-bit
+# CPU path, which this library turns off (`llm.disable_cpu_4bit_repacking`), so the message is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+)
 
 # public name -> the module that defines it (no module shares a public name: an imported submodule
 # would shadow it as an attribute of the package)
@@ -24,7 +32,7 @@ _EXPORTS = {
     "VisionLanguageModel": "model",
     "attach": "builder",
     "load": "builder",
-    "load_data": "data",
+    "load_data": "sources",
     "load_image": "images",
     "merge_and_export": "export",
     "split_for_eval": "data",
@@ -36,12 +44,13 @@ if TYPE_CHECKING:
     from .builder import attach, load
     from .collator import VLMCollator
     from .config import AdapterConfig, AttachOptions, FitOptions
-    from .data import load_data, split_for_eval
+    from .data import split_for_eval
     from .export import merge_and_export
     from .hub import AdapterLoadError
     from .images import ImageLoadError, load_image
     from .model import VisionLanguageModel
     from .prompting import PromptTooLongError
+    from .sources import load_data
 
 
 def __getattr__(name: str) -> Any:

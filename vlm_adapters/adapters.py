@@ -11,9 +11,11 @@ they are refused.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import peft
@@ -123,6 +125,15 @@ def _frozen(llm: PreTrainedModel) -> PreTrainedModel:
     return llm.requires_grad_(False)
 
 
+@contextlib.contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """PEFT (0.21) reads transformers' deprecated `is_gradient_checkpointing` alias when it wraps a
+    model, which prints a FutureWarning the user can do nothing about; only that one is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def add_adapter(
     llm: PreTrainedModel, config: AdapterConfig, given: PeftConfig | None = None
 ) -> PreTrainedModel | PeftModel:
@@ -136,7 +147,8 @@ def add_adapter(
     llm = _frozen(llm)
     if peft_cfg is None:
         return llm
-    model = _freeze_constants(get_peft_model(llm, peft_cfg))
+    with _peft_wrapping():
+        model = _freeze_constants(get_peft_model(llm, peft_cfg))
     fuse_lora_4bit(model)
     return model
 
@@ -153,7 +165,10 @@ def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) ->
     # PEFT refuses to load prompt-learning adapters as trainable; their prompt encoder is unfrozen
     # by hand so a loaded prefix adapter can be trained further, like a loaded LoRA.
     prompt_learning = saved.is_prompt_learning
-    model = PeftModel.from_pretrained(_frozen(llm), directory, is_trainable=not prompt_learning, use_safetensors=True)
+    with _peft_wrapping():
+        model = PeftModel.from_pretrained(
+            _frozen(llm), directory, is_trainable=not prompt_learning, use_safetensors=True
+        )
     _freeze_constants(model)
     if prompt_learning:
         for name, param in model.named_parameters():

@@ -7,11 +7,11 @@ are still written.
 
 from __future__ import annotations
 
-import glob
 import os
 import sys
 from dataclasses import dataclass, field
 
+from .cli_predict import find_files
 from .images import ImageLoadError, is_image_file
 
 
@@ -23,26 +23,18 @@ class ExplainOptions:
     images: str = field(metadata={"help": "a folder (searched at any depth) or a glob such as 'scans/*.png'"})
     output_dir: str = field(default="explanations", metadata={"help": "where the overlay PNGs go"})
     labels: str | None = field(default=None, metadata={"help": "comma-separated labels; default: the adapter's"})
-    label: str | None = field(default=None, metadata={"help": "explain this label for every image (default: its top one)"})
+    label: str | None = field(
+        default=None, metadata={"help": "explain this label for every image (default: its top one)"}
+    )
     prompt: str | None = field(default=None, metadata={"help": "the classification prompt (default: the adapter's)"})
 
 
 def input_files(pattern: str) -> tuple[str, list[str]]:
     """(the folder the files are named relative to, every file of a folder at any depth or of a glob, sorted)."""
+    files = find_files(pattern)
     if os.path.isdir(pattern):
-        root = pattern
-        files = [
-            os.path.join(folder, name)
-            for folder, subfolders, names in os.walk(pattern)
-            for name in names
-            if not name.startswith(".")
-        ]
-    else:
-        files = [path for path in glob.glob(pattern, recursive=True) if os.path.isfile(path)]
-        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]) if files else "."
-    if not files:
-        raise FileNotFoundError(f"no files match {pattern!r}; pass a folder or a glob such as 'scans/*.png'.")
-    return root, sorted(files)
+        return pattern, files
+    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in files]), files
 
 
 def overlay_path(path: str, root: str, output_dir: str) -> str:

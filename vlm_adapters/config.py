@@ -197,7 +197,8 @@ class FitOptions:
     projector_lr: float = _option(1e-3, "learning rate of the projector (the adapter uses learning_rate)")
     align_epochs: float = _option(0.0, "epochs of projector-only training first (LLaVA's stage 1)")
     describe_ratio: float | None = _option(
-        None, "share of label rows taught as describe examples (None: 0.25 for label data, 0 otherwise)"
+        None, "share of label rows taught as describe examples (None: 0.25 for label-only data, 0 when the data "
+        "has answer rows)"
     )
     describe_template: str = _option("This image shows {label}.", "the describe answer for a label row")
     cache_features: bool = _option(True, "encode each image once and cache the encoder features on disk")

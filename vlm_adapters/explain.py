@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from .images import ImageInput, load_image
 from .modeling import VisionLanguageCore
 
+
 @dataclass
 class Explanation:
     """Why the model gave `label` to `image`.

@@ -14,6 +14,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 from transformers import EarlyStoppingCallback, TrainingArguments
 
 from .collator import VLMCollator
@@ -47,7 +48,7 @@ DEFAULT_ARGS: dict[str, Any] = {
 def _check_classes(data: datasets.Dataset, names: list[str]) -> None:
     feature = data.features.get("label")
     if isinstance(feature, datasets.ClassLabel):
-        present = {int(label) for label in data.with_format(None)["label"]}
+        present = {int(label) for label in data.with_format(None)["label"] if label is not None}
         empty = [name for i, name in enumerate(names) if i not in present]
         if empty:
             raise ValueError(
@@ -83,8 +84,9 @@ def _set_feature_statistics(model: VisionLanguageCore, train: datasets.Dataset) 
     # 1024 rows spread over the whole set (tens of thousands of tokens) pin down the statistics.
     picked = np.linspace(0, len(train) - 1, min(len(train), 1024)).round().astype(int)
     rows = train.select(np.unique(picked)).with_format("torch", columns=[FEATURES_COLUMN])
-    model.projector.set_feature_statistics(
-        rows[start : start + 256][FEATURES_COLUMN].to(model.device) for start in range(0, len(rows), 256)
+    model.projector.set_feature_statistics(  # rows of several images come as a list of [images, tokens, hidden]
+        torch.cat([f.reshape(-1, f.shape[-1]) for f in rows[start : start + 256][FEATURES_COLUMN]]).to(model.device)
+        for start in range(0, len(rows), 256)
     )
 
 
@@ -166,7 +168,8 @@ def fit(
             train_ds = _cache_features(model, train_ds, fit_options)
             eval_ds = _cache_features(model, eval_ds, fit_options)
         _set_feature_statistics(model, train_ds)
-    ratio = (0.25 if names else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
+    label_only = names and "answer" not in train_ds.column_names  # users' own captions teach describing otherwise
+    ratio = (0.25 if label_only else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
     train_ds = features_as_tensors(_with_describe_rows(train_ds, ratio, args["seed"]))
     callbacks = list(callbacks or []) + (_eval_args(args, fit_options, bool(names)) if eval_ds is not None else [])
     checkpointing = args.get("gradient_checkpointing") or args.get("activation_checkpointing")

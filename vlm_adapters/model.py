@@ -29,7 +29,9 @@ class VisionLanguageModel(VisionLanguageCore):
         return fit(self, train, eval, **options)
 
     def evaluate(self, dataset: Any, **options: Any) -> dict[str, Any]:
-        """Accuracy, macro-F1 and a per-class report for label data; exact match / BLEU / ROUGE-L for text."""
+        """Accuracy, macro-F1 and a per-class report on label rows; exact match / BLEU / ROUGE-L on answer
+        rows (both for a mixed set); options: `batch_size`, `prompt`, `output_dir` and `describe`'s
+        generation options (see `evaluation.evaluate`)."""
         from .evaluation import evaluate
 
         return evaluate(self, dataset, **options)
@@ -51,14 +53,16 @@ class VisionLanguageModel(VisionLanguageCore):
 
         return explain(self, image, label, prompt, **options)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> str:
-        """Write the adapter folder (config, projector, PEFT weights, model card) atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, with_app: bool = False) -> str:
+        """Write the adapter folder (config, projector, PEFT weights, model card) atomically; `with_app`
+        adds a Gradio `app.py` + `requirements.txt`, so the folder runs as a Space."""
         from .hub import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, with_app)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload the adapter folder to the Hub (`private`, `token`, `revision`, `commit_message`)."""
+        """Upload the adapter folder to the Hub (`private`, `token`, `revision`, `commit_message`,
+        `with_app`)."""
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)

@@ -9,6 +9,7 @@ forward and inference (`inference.py`, mixed in) both use it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .adapters import prefix_length, regularization
 from .config import AdapterConfig
+from .generation import TextGenerationMixin
 from .inference import InferenceMixin
 from .packing import PackedBatch
 from .projector import Projector
@@ -34,7 +36,13 @@ def context_length(llm: PreTrainedModel) -> int:
     return 2048
 
 
-class VisionLanguageCore(InferenceMixin, nn.Module):
+def cache_argument(llm: PreTrainedModel) -> str:
+    """The name forward takes the KV cache by: transformers 5.x renamed `past_key_values` to `cache`
+    (the old name still works, with a FutureWarning per process); remote-code models may keep the old one."""
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
     """The parts and the math. Trainable: `projector` and the PEFT adapter inside `llm`."""
 
     # The loss is a per-batch mean; tells the Trainer not to pass num_items_in_batch or rescale it.
@@ -54,6 +62,7 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         self.projector = projector
         self.llm = llm  # a PeftModel, or the bare LLM for adapter="none"
         self.tokenizer = tokenizer
+        self.cache_argument = cache_argument(self.base_llm)
         self.prompts = PromptBuilder(
             tokenizer,
             projector.num_image_tokens,
@@ -190,8 +199,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
             inputs_embeds=embeds,
             attention_mask=mask[:, None].expand(embeds.shape[0], -1, -1, -1),
             position_ids=(self.num_prefix_tokens + positions.to(self.device)).expand(embeds.shape[0], -1),
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{self.cache_argument: cache},
             logits_to_keep=keep,
         )
         return out.logits.float().log_softmax(-1)

@@ -116,7 +116,7 @@ class VLMTrainer(Trainer):
             prefix = kwargs.get("metric_key_prefix", "eval")
             scores = evaluate(
                 self.model, dataloader.dataset, batch_size=self.args.per_device_eval_batch_size,
-                progress=not self.args.disable_tqdm,
+                progress=not self.args.disable_tqdm, answers=False,  # answer rows count in the loss only
             )
-            output.metrics.update({f"{prefix}_{k}": scores[k] for k in ("accuracy", "macro_f1")})
+            output.metrics.update({f"{prefix}_{k}": scores[k] for k in ("accuracy", "macro_f1") if k in scores})
         return output

@@ -17,7 +17,7 @@ import torch
 
 from .data import as_dataset, label_names, label_text
 from .images import ImageInput
-from .inference import _as_batch, _check_labels
+from .inference import as_rows, check_labels
 from .modeling import VisionLanguageCore
 
 TEMPLATE = "This is a photo of {}."
@@ -66,8 +66,12 @@ def clip_classify(
     tokenizer: Any = None,
 ) -> dict[str, float] | list[dict[str, float]]:
     """Zero-shot probability of each label, most likely first; one image -> one dict."""
-    labels = _check_labels(labels)
-    single, batch = _as_batch(images)
+    labels = check_labels(labels)
+    single, rows = as_rows(images)
+    if several := [i for i, row in enumerate(rows) if len(row) > 1]:
+        raise ValueError(f"row {several[0]} holds {len(rows[several[0]])} images; the image-text model scores one "
+                         "image per row, so pass a flat list of images.")
+    batch = [row[0] for row in rows]
     out = []
     for start in range(0, len(batch), batch_size):
         probs = clip_probabilities(model, batch[start : start + batch_size], labels, template, tokenizer)
