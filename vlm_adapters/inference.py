@@ -146,7 +146,7 @@ class InferenceMixin:
         of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie."""
         candidates = [self.prompts.answer_ids(label) for label in labels]
         first = torch.tensor([c[0] for c in candidates], device=self.device)
-        logprobs, cache, length = self._prompt(self.image_embeddings(image_features=features), prompt)
+        logprobs, cache, length = self._prompt(features, prompt)
         last = logprobs[:, -1]  # [B, V] at the prompt's last position
         bound = last[:, first]  # [B, K]
         scores = torch.full_like(bound, -torch.inf)
