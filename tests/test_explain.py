@@ -13,6 +13,8 @@ What each test proves:
 - cli_writes_one_overlay_per_image_and_skips_unreadable_files: one PNG per readable image (sub-folders
   kept), a message naming each skipped file.
 - adapter_without_labels_needs_a_label: a clear error instead of an empty explanation.
+- occlusion_points_at_the_only_tokens_the_score_reads / upsample_keeps_rows_and_columns_apart: the
+  occlusion and the stretch over the image, on a score and token grids whose answer is known.
 """
 
 from __future__ import annotations
@@ -21,15 +23,22 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from conftest import object_dataset, object_image, save_vision
 from PIL import Image
 
 from vlm_adapters import attach
 from vlm_adapters.cli import main
-from vlm_adapters.explain import seen_box
+from vlm_adapters.explain import _grid_shape, occlusion, seen_box, upsample, windows
 
 LABELS = ["red", "green", "blue"]
-FAST = dict(learning_rate=5e-3, projector_lr=5e-3, disable_tqdm=True, save_strategy="no", logging_steps=1000)
+FAST = dict(disable_tqdm=True, save_strategy="no", logging_steps=1000)
+# Prefix tuning learns this task slower than LoRA: 0.73 held-out accuracy after 6 epochs at 5e-3,
+# 0.97 after 10 at 1e-2 (30 images); an explanation can only point at what the model has learnt.
+SCHEDULE = {
+    "lora": dict(num_train_epochs=6, learning_rate=5e-3),
+    "prefix": dict(num_train_epochs=10, learning_rate=1e-2),
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +55,9 @@ def fitted(tmp_path_factory, vit64_dir, llm_dir):
         if adapter not in models:
             train, _ = object_dataset(40, seed=100)
             models[adapter] = attach(vit64_dir, llm_dir, adapter=adapter, seed=0)
-            models[adapter].fit(train, output_dir=str(tmp_path_factory.mktemp(adapter)), num_train_epochs=6, **FAST)
+            schedule = SCHEDULE[adapter]
+            models[adapter].fit(train, output_dir=str(tmp_path_factory.mktemp(adapter)), **schedule,
+                                projector_lr=schedule["learning_rate"], **FAST)
         return models[adapter]
 
     return get
@@ -136,7 +147,7 @@ def test_cli_writes_one_overlay_per_image_and_skips_unreadable_files(lora_model,
     object_image("red", rng)[0].save(images / "a.png")
     object_image("green", rng)[0].save(images / "more" / "a.png")  # same name in a sub-folder
     object_image("blue", rng)[0].save(images / "b.jpg")
-    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (images / "broken.png").write_bytes((images / "a.png").read_bytes()[:200])  # cut short
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     assert main(["explain", "--adapter", adapter, "--images", str(images), "--output_dir", str(out)]) == 0
@@ -145,7 +156,7 @@ def test_cli_writes_one_overlay_per_image_and_skips_unreadable_files(lora_model,
     with Image.open(out / "b.png") as overlay:
         assert overlay.size == (64, 64)
     err = capsys.readouterr().err
-    assert "broken.png" in err and "corrupt" in err
+    assert "skipped " + str(images / "broken.png") + ": the image is truncated or corrupt" in err
     assert "notes.txt: not an image file" in err
 
 
@@ -156,3 +167,30 @@ def test_adapter_without_labels_needs_a_label(vit64_dir, llm_dir):
         model.explain(image)
     assert model.explain(image, label="red").heatmap.shape == (64, 64)
     assert model.explain(image, labels=LABELS).label in LABELS
+
+
+def test_occlusion_points_at_the_only_tokens_the_score_reads():
+    """A score that reads only the tokens of one off-centre region (rows 1-2, columns 5-6 of an 8 x 8
+    grid): the occlusion map peaks there, and is negative far from it (hiding plain tokens with the
+    mean token adds evidence), whichever the window."""
+    grid, region = (8, 8), np.zeros((8, 8), dtype=bool)
+    region[1:3, 5:7] = True
+    embeds = torch.zeros(1, 64, 4)
+    embeds[0, torch.from_numpy(region.flatten())] = 1.0
+    for size in (1, 2, 3):
+        masks = windows(grid, size)
+        assert masks.shape == ((8 + size - 1) ** 2, 64)
+        assert (masks.sum(0) == size * size).all()  # every token hidden by size * size blocks
+        tokens = occlusion(embeds, lambda batch: batch.sum((1, 2)), masks, batch_size=7).reshape(grid).numpy()
+        assert region[np.unravel_index(tokens.argmax(), grid)], (size, tokens)
+        assert tokens[6:, :3].max() < 0
+
+
+def test_upsample_keeps_rows_and_columns_apart():
+    """One hot token at row 1, column 6 of a 4 x 8 grid lands at that place of a 100 x 50 image."""
+    tokens = np.zeros((4, 8), dtype=np.float32)
+    tokens[1, 6] = 1.0
+    heatmap = upsample(tokens, (0.0, 0.0, 100.0, 50.0), 100, 50)
+    y, x = np.unravel_index(int(heatmap.argmax()), heatmap.shape)
+    assert heatmap.shape == (50, 100) and 12 <= y < 25 and 75 <= x < 87
+    assert _grid_shape(32, 50, 100) == (4, 8) and _grid_shape(32, 100, 50) == (8, 4)
