@@ -3,17 +3,21 @@ sits at a known place: a coloured square (label = its colour) at a random positi
 trained by `fit` on the tiny models of tests/conftest.py. A method scores a hit when the peak of its
 heatmap (stretched over the image) lies inside the square; chance is the square's share of the image.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/explain_methods.py --seeds 0,1,2 --test_per_class 50
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/explain_methods.py --seeds 0,1,2 --test_per_class 50 \
+        --docs docs/explain.md --examples docs/explain_squares.png
 
-Candidates: occlusion of each image token (mean-token or zero baseline; target the label's
-log-probability among the labels, or its raw log-likelihood), gradient x input on the projected
-tokens, attention rollout through the LLM, and a random map (the chance check).
+Candidates: occlusion of image tokens (single tokens or k x k blocks; mean-token or zero baseline;
+target the label's log-odds against the other labels or its log-probability among them), gradient x
+input on the projected tokens, attention rollout through the LLM, and a random map (the chance
+check). `--docs` rewrites the measured section of that page (between its `explain_methods` markers);
+`--examples` saves seed 0's explanations of a few held-out images (square outlined) as one PNG.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -23,17 +27,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(__file__))
 from conftest import object_dataset, save_llm, save_vision  # noqa: E402 - the tests' tiny models and task
+from explain_examples import contact_sheet  # noqa: E402
 
 from vlm_adapters import attach  # noqa: E402
-from vlm_adapters.explain import _eval_mode, _grid_shape, seen_box, upsample  # noqa: E402
+from vlm_adapters.explain import _eval_mode, _grid_shape, log_odds, occlusion, seen_box, upsample, windows  # noqa: E402
 
 LABELS = ["red", "green", "blue"]
-
-
-def log_odds(scores: torch.Tensor, index: int) -> torch.Tensor:
-    others = torch.cat([scores[:, :index], scores[:, index + 1 :]], 1)
-    return scores[:, index] - others.logsumexp(-1)
+START, END = "<!-- explain_methods:start -->", "<!-- explain_methods:end -->"
 
 
 def log_prob(scores: torch.Tensor, index: int) -> torch.Tensor:
@@ -41,30 +43,14 @@ def log_prob(scores: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def occlusion_method(target: Callable, baseline: str = "mean", window: int = 1) -> Callable:
-    @torch.no_grad()
     def run(model, embeds, index, prompt):
-        masks = _windows(_grid_shape(embeds.shape[1], 1, 1), window)  # [M, k] bool
-        fill = embeds.mean(1, keepdim=True) if baseline == "mean" else torch.zeros_like(embeds[:, :1])
-        copies = torch.where(masks[:, :, None], fill, embeds)
+        fill = torch.zeros_like(embeds[:, :1]) if baseline == "zero" else None
+        masks = windows(_grid_shape(embeds.shape[1], 1, 1), window)
         with model.reuse_prompt_cache():
-            reference = target(model.label_log_likelihoods(embeds, LABELS, prompt), index)
-            drops = torch.cat([reference - target(model.label_log_likelihoods(c, LABELS, prompt), index)
-                               for c in copies.split(64)])
-        return (masks * drops[:, None]).sum(0) / masks.sum(0)  # each token: mean drop of the windows over it
+            return occlusion(embeds, lambda b: target(model.label_log_likelihoods(b, LABELS, prompt), index),
+                             masks, 64, fill)
 
     return run
-
-
-def _windows(grid: tuple[int, int], size: int) -> torch.Tensor:
-    """Every size x size window of the token grid (partial ones at the borders), as masks [M, rows*cols]."""
-    rows, cols = grid
-    masks = []
-    for top in range(1 - size, rows):
-        for left in range(1 - size, cols):
-            mask = torch.zeros(rows, cols, dtype=torch.bool)
-            mask[max(top, 0) : top + size, max(left, 0) : left + size] = True
-            masks.append(mask.flatten())
-    return torch.stack(masks)
 
 
 def gradient_method(baseline: str) -> Callable:
@@ -102,12 +88,12 @@ def random_map(model, embeds, index, prompt):
 
 
 METHODS = {
-    "occlusion, mean token, log-odds": occlusion_method(log_odds),
-    "occlusion, mean token, log p(label | labels)": occlusion_method(log_prob),
-    "occlusion, zero token, log-odds": occlusion_method(log_odds, "zero"),
-    "occlusion, 2x2 windows, mean token, log-odds": occlusion_method(log_odds, window=2),
-    "occlusion, 2x2 windows, mean token, log p(label | labels)": occlusion_method(log_prob, window=2),
-    "occlusion, 3x3 windows, mean token, log-odds": occlusion_method(log_odds, window=3),
+    "occlusion, single tokens, mean token, log-odds": occlusion_method(log_odds),
+    "occlusion, single tokens, mean token, log p(label \\| labels)": occlusion_method(log_prob),
+    "occlusion, single tokens, zero token, log-odds": occlusion_method(log_odds, "zero"),
+    "**occlusion, 2x2 blocks, mean token, log-odds** (`explain`)": occlusion_method(log_odds, window=2),
+    "occlusion, 2x2 blocks, mean token, log p(label \\| labels)": occlusion_method(log_prob, window=2),
+    "occlusion, 3x3 blocks, mean token, log-odds": occlusion_method(log_odds, window=3),
     "gradient x input, log-odds": gradient_method("zero"),
     "gradient x (input - mean token), log-odds": gradient_method("mean"),
     "attention rollout": attention_rollout,
@@ -148,8 +134,48 @@ def score_seed(model, args, seed: int, hits: dict, costs: dict) -> float:
     return correct / len(test_ds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def save_examples(model, args, path: str, count: int = 6) -> None:
+    """`model.explain` (the library's method, top label) on the first held-out images of each colour."""
+    test_ds, boxes = object_dataset(count // len(LABELS), seed=200, size=args.size, side=args.side)
+    explanations = [model.explain(row["image"]) for row in test_ds]
+    contact_sheet(explanations, path, boxes=boxes, scale=3)
+    print(f"wrote {path}")
+
+
+def table(args, hits: dict, costs: dict, accuracies: list[float]) -> str:
+    """The measured section: settings, sample sizes, the table."""
+    n = len(next(iter(hits.values())))
+    share = args.side**2 / args.size**2
+    lines = [
+        f"Measured by `benchmarks/explain_methods.py --seeds {args.seeds} --test_per_class {args.test_per_class}"
+        f" --feature_layer {args.feature_layer}` ({time.strftime('%Y-%m-%d')}, {platform.machine()} CPU, "
+        f"{torch.get_num_threads()} thread): {len(accuracies)} model(s) trained by `fit` ({args.adapter}, "
+        f"{args.train_per_class} images per colour, {args.epochs:g} epoch(s); held-out accuracy "
+        f"{', '.join(f'{a:.3f}' for a in accuracies)}), each explaining the true label of {n // len(accuracies)} "
+        f"held-out {args.size}x{args.size} images: **{n} explanations per method**. A hit: the heatmap's peak "
+        f"lies inside the {args.side}x{args.side} square; chance = the square's share of the image = {share:.3f}.",
+        "",
+        "| method | pointing game | ms / image (median) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {np.mean(hits[name]):.3f} | {1000 * np.median(costs[name]):.0f} |" for name in METHODS]
+    return "\n".join(lines)
+
+
+def write_docs(path: str, section: str) -> None:
+    """Replace the text between the markers of `path` with `section` (the prose around it stays)."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if START not in text or END not in text:
+        raise ValueError(f"{path} has no {START} ... {END} markers to write between.")
+    head, rest = text.split(START, 1)
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(f"{head}{START}\n{section}\n{END}{rest.split(END, 1)[1]}")
+    print(f"wrote the measured section of {path}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--train_per_class", type=int, default=40)
     parser.add_argument("--test_per_class", type=int, default=50)
@@ -160,23 +186,32 @@ def main() -> None:
     parser.add_argument("--adapter", default="lora")
     parser.add_argument("--feature_layer", type=int, default=-2, help="0: the ViT's patch embeddings (local)")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--docs", default=None, help="a page with explain_methods markers to write the table into")
+    parser.add_argument("--examples", default=None, help="a PNG for seed 0's example explanations")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     root = tempfile.mkdtemp(prefix="explain-methods-")
     args.llm = save_llm(os.path.join(root, "llm"))
     args.vit = save_vision(os.path.join(root, "vit"), image_size=args.size)
     hits: dict[str, list[bool]] = {}
     costs: dict[str, list[float]] = {}
+    accuracies = []
     for seed in (int(s) for s in args.seeds.split(",")):
         start = time.perf_counter()
         model = train(seed, args, root)
-        accuracy = score_seed(model, args, seed, hits, costs)
-        print(f"seed {seed}: accuracy {accuracy:.3f}, fit + scoring {time.perf_counter() - start:.0f} s", flush=True)
-    share = args.side**2 / args.size**2
-    print(f"\n{len(next(iter(hits.values())))} held-out images, chance (square's share of the image) = {share:.3f}\n")
-    print("| method | pointing game | ms / image |\n|---|---|---|")
-    for name in METHODS:
-        print(f"| {name} | {np.mean(hits[name]):.3f} | {1000 * np.median(costs[name]):.1f} |")
+        accuracies.append(score_seed(model, args, seed, hits, costs))
+        print(f"seed {seed}: accuracy {accuracies[-1]:.3f}, fit + scoring {time.perf_counter() - start:.0f} s",
+              flush=True)
+        if args.examples and seed == 0:
+            save_examples(model, args, args.examples)
+    section = table(args, hits, costs, accuracies)
+    print("\n" + section)
+    if args.docs:
+        write_docs(args.docs, section)
 
 
 if __name__ == "__main__":

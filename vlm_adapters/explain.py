@@ -118,15 +118,19 @@ def windows(grid: tuple[int, int], size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def occlusion(
-    embeds: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor], masks: torch.Tensor, batch_size: int
+    embeds: torch.Tensor,
+    score: Callable[[torch.Tensor], torch.Tensor],
+    masks: torch.Tensor,
+    batch_size: int,
+    fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[k] per image token of `embeds` [1, k, d]: the mean drop of `score` over the masks [M, k] that
-    hide it, a mask's tokens replaced by the image's mean token. Blocks rather than single tokens: a
-    single token's neighbours still carry an object that spans several tokens, so hiding it alone
-    changes little."""
+    hide it, a mask's tokens replaced by `fill` (default: the image's mean token). Blocks rather than
+    single tokens: a single token's neighbours still carry an object that spans several tokens, so
+    hiding it alone changes little."""
     masks = masks.to(embeds.device)
     reference = score(embeds)[0]
-    fill = embeds.mean(1, keepdim=True)
+    fill = embeds.mean(1, keepdim=True) if fill is None else fill
     drops = torch.cat([
         reference - score(torch.where(chunk[:, :, None], fill, embeds)) for chunk in masks.split(batch_size)
     ])
