@@ -32,7 +32,7 @@ from conftest import object_dataset, save_llm, save_vision  # noqa: E402 - the t
 from explain_examples import contact_sheet  # noqa: E402
 
 from vlm_adapters import attach  # noqa: E402
-from vlm_adapters.explain import _eval_mode, _grid_shape, log_odds, occlusion, seen_box, upsample, windows  # noqa: E402
+from vlm_adapters.explain import _grid_shape, log_odds, occlusion, seen_box, upsample, windows  # noqa: E402
 
 LABELS = ["red", "green", "blue"]
 START, END = "<!-- explain_methods:start -->", "<!-- explain_methods:end -->"
@@ -115,17 +115,17 @@ def score_seed(model, args, seed: int, hits: dict, costs: dict) -> float:
     test_ds, boxes = object_dataset(args.test_per_class, seed=200 + seed, size=args.size, side=args.side)
     prompt = model.config.classify_prompt
     correct = 0
+    model.eval()  # dropout off; explain's own calls do the same
     for row, box in zip(test_ds, boxes):
         image = row["image"].convert("RGB")
-        with _eval_mode(model), torch.no_grad():
+        with torch.no_grad():
             pixels = model.vision.preprocess([image])
             embeds = model.image_embeddings(image_features=model.vision(pixels))
             correct += int(model.label_log_likelihoods(embeds, LABELS, prompt)[0].argmax()) == row["label"]
         index = row["label"]  # the pointing game explains the true label
         for name, method in METHODS.items():
             start = time.perf_counter()
-            with _eval_mode(model):
-                per_token = method(model, embeds, index, prompt)
+            per_token = method(model, embeds, index, prompt)
             costs.setdefault(name, []).append(time.perf_counter() - start)
             grid = per_token.reshape(_grid_shape(per_token.numel(), *pixels.shape[-2:])).cpu().numpy()
             heat = upsample(grid, seen_box(model.vision.image_processor, *image.size), *image.size)

@@ -12,7 +12,8 @@ What each test proves:
 - heatmap_covers_what_a_center_crop_keeps: with CLIP's crop, the map covers the crop only.
 - cli_writes_one_overlay_per_image_and_skips_unreadable_files: one PNG per readable image (sub-folders
   kept), a message naming each skipped file.
-- adapter_without_labels_needs_a_label: a clear error instead of an empty explanation.
+- adapter_without_labels_needs_a_label: a clear error instead of an empty explanation (and for
+  repeated labels or an empty window).
 - occlusion_points_at_the_only_tokens_the_score_reads / upsample_keeps_rows_and_columns_apart: the
   occlusion and the stretch over the image, on a score and token grids whose answer is known.
 """
@@ -167,6 +168,10 @@ def test_adapter_without_labels_needs_a_label(vit64_dir, llm_dir):
         model.explain(image)
     assert model.explain(image, label="red").heatmap.shape == (64, 64)
     assert model.explain(image, labels=LABELS).label in LABELS
+    with pytest.raises(ValueError, match="unique non-empty strings"):
+        model.explain(image, labels=["red", "red"])
+    with pytest.raises(ValueError, match="window=0: pass the side"):
+        model.explain(image, label="red", window=0)
 
 
 def test_occlusion_points_at_the_only_tokens_the_score_reads():

@@ -10,9 +10,8 @@ Chosen by measurement over gradient x input and attention rollout (docs/explain.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from .images import ImageInput, load_image
+from .inference import inference
 from .modeling import VisionLanguageCore
 
 
@@ -50,7 +50,7 @@ class Explanation:
         heat = heat / heat.max() if heat.max() > 0 else heat
         colour = colormaps[colormap](heat)[..., :3] * 255.0
         weight = (alpha * heat)[..., None]
-        blended = (1.0 - weight) * np.asarray(self.image, dtype=np.float64) + weight * colour
+        blended = (1.0 - weight) * np.asarray(self.image.convert("RGB"), dtype=np.float64) + weight * colour
         return Image.fromarray(np.round(blended).clip(0, 255).astype(np.uint8))
 
     def save(self, path: str | os.PathLike, alpha: float = 0.6, colormap: str = "jet") -> str:
@@ -60,6 +60,7 @@ class Explanation:
         return path
 
 
+@inference
 def explain(
     model: VisionLanguageCore,
     image: ImageInput,
@@ -71,10 +72,12 @@ def explain(
 ) -> Explanation:
     """Explain `label` (default: the top one of `labels`, themselves defaulting to the adapter's labels)
     by occluding every `window` x `window` block of image tokens; see the module docstring."""
+    if window < 1:
+        raise ValueError(f"window={window}: pass the side (in image tokens, >= 1) of the blocks to hide.")
     candidates = _candidates(model, label, labels)
     prompt = prompt or model.config.classify_prompt
     picture = load_image(image)
-    with _eval_mode(model), torch.no_grad(), model.reuse_prompt_cache():
+    with model.reuse_prompt_cache():
         pixels = model.vision.preprocess([picture])
         embeds = model.image_embeddings(image_features=model.vision(pixels))
         scores = model.label_log_likelihoods(embeds, candidates, prompt)[0]
@@ -135,16 +138,6 @@ def occlusion(
         reference - score(torch.where(chunk[:, :, None], fill, embeds)) for chunk in masks.split(batch_size)
     ])
     return (masks * drops[:, None]).sum(0) / masks.sum(0)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: VisionLanguageCore) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _candidates(model: VisionLanguageCore, label: str | None, labels: Sequence[str] | None) -> list[str]:
