@@ -61,9 +61,18 @@ class InferenceMixin:
             return
         self._head_caches = {}
         try:
-            yield
+            with self._dequantized_for_call():
+                yield
         finally:
             self._head_caches = None
+
+    def _dequantized_for_call(self) -> contextlib.AbstractContextManager[None]:
+        """Compute-dtype copies of the 4-bit weights for one inference call (`dequantize="per_call"`)."""
+        if self.config.dequantize != "per_call" or self.config.quantization != "nf4":
+            return contextlib.nullcontext()
+        from .dequantized import dequantized_during
+
+        return dequantized_during(self.base_llm)
 
     def _context(self, head_ids: Sequence[int], batch: int) -> DynamicCache:
         """KV cache of what precedes the image, repeated over the batch: the PEFT prefix (if any) and

@@ -233,21 +233,27 @@ def _frozen(llm: PreTrainedModel) -> PreTrainedModel:
 
 def add_adapter(llm: PreTrainedModel, config: AdapterConfig) -> PreTrainedModel | PeftModel:
     """Freeze the LLM and wrap it with the configured PEFT adapter (or leave it frozen for 'none')."""
-    from .fast_lora import fuse_lora_4bit
-
     llm = _frozen(llm)
     peft_cfg = peft_config(config)
-    if peft_cfg is None:
-        return llm
-    model = get_peft_model(llm, peft_cfg)
+    model = llm if peft_cfg is None else get_peft_model(llm, peft_cfg)
+    return _fast_4bit(model, config)
+
+
+def _fast_4bit(model: PreTrainedModel | PeftModel, config: AdapterConfig) -> PreTrainedModel | PeftModel:
+    """The one-node LoRA forward on 4-bit layers, and the kept dequantized weights if asked for."""
+    if not is_quantized(model.get_base_model() if isinstance(model, PeftModel) else model):
+        return model
+    from .dequantized import keep_dequantized
+    from .fast_lora import fuse_lora_4bit
+
     fuse_lora_4bit(model)
+    if config.dequantize == "once":
+        keep_dequantized(model)
     return model
 
 
 def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) -> PreTrainedModel | PeftModel:
     """Put saved PEFT weights (safetensors only) back on a freshly loaded base."""
-    from .fast_lora import fuse_lora_4bit
-
     if config.adapter == "none":
         return add_adapter(llm, config)
     # PEFT refuses to load prompt-learning adapters as trainable; their prompt encoder is unfrozen
@@ -257,5 +263,4 @@ def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) ->
     if prompt_learning:
         for name, param in model.named_parameters():
             param.requires_grad_("prompt_encoder" in name)
-    fuse_lora_4bit(model)
-    return model
+    return _fast_4bit(model, config)
