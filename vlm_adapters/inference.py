@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from .images import ImageInput
 from .prompting import IMAGE_TOKEN_ID
-from .scoring import CandidateTree
+from .scoring import CandidateTree, within_budget
 
 T = TypeVar("T")
 
@@ -132,8 +132,13 @@ class InferenceMixin:
         tokens fed. A label's log-likelihood is at most its first token's log-prob, so after one pass
         over the prompt only the labels under the best first token are fed (round 1); labels whose
         first-token bound still beats the best full score are fed in round 2. A trained model is sure
-        of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie."""
+        of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie.
+        An unsure one (untrained, or many long labels) would feed most of the trie in round 2, more
+        than generating an answer costs, so round 2 feeds at most as many tokens per image as the image
+        has: the labels still in doubt with the best first-token bounds, as many as fit. The answer is
+        then the best of the labels scored, exact whenever the labels in doubt fit."""
         candidates = [self.prompts.answer_ids(label) for label in labels]
+        budget = self.prompts.num_image_tokens
         first = torch.tensor([c[0] for c in candidates], device=self.device)
         logprobs, cache, length = self._prompt(features, prompt)
         last = logprobs[:, -1]  # [B, V] at the prompt's last position
@@ -145,17 +150,19 @@ class InferenceMixin:
             need = scores.isneginf() & (bound > best)
             if round_ == 1:  # only the labels that share the most likely first token
                 need &= first[None, :] == first[bound.argmax(-1)][:, None]
-            rows = need.any(-1).nonzero()[:, 0]
-            if len(rows) == 0:
+            picked = {b: _to_feed(need[b], bound[b], candidates, None if round_ == 1 else budget)
+                      for b in need.any(-1).nonzero()[:, 0].tolist()}
+            picked = {b: fed for b, fed in picked.items() if fed}
+            if not picked:
                 break
+            rows = torch.tensor(list(picked), device=self.device)
             if len(rows) < len(in_cache):
                 cache.batch_select_indices(torch.searchsorted(in_cache, rows))
                 in_cache = rows
-            picked = [tuple(need[b].nonzero()[:, 0].tolist()) for b in rows]
-            built = {k: CandidateTree.build([candidates[i] for i in k]) for k in set(picked)}  # shared by images
-            trees = [built[k] for k in picked]
+            built = {k: CandidateTree.build([candidates[i] for i in k]) for k in set(picked.values())}  # shared
+            trees = [built[k] for k in picked.values()]
             out, width = self._feed_trees(trees, cache, length)
-            for i, (b, labels_fed, tree) in enumerate(zip(rows.tolist(), picked, trees, strict=True)):
+            for i, (b, labels_fed, tree) in enumerate(zip(picked, picked.values(), trees, strict=True)):
                 scores[b, list(labels_fed)] = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
             cache.crop(-width)
         return scores.argmax(-1)
@@ -253,6 +260,17 @@ class InferenceMixin:
         return self._per_batch(
             images, batch_size, lambda features: self.generate_from_features(features, prompt, max_new_tokens)
         )
+
+
+def _to_feed(
+    need: torch.Tensor, bound: torch.Tensor, candidates: list[tuple[int, ...]], budget: int | None
+) -> tuple[int, ...]:
+    """The labels of one image to feed in a round: all it needs, or (with a budget) those with the best
+    first-token bounds whose tree fits it."""
+    labels = need.nonzero()[:, 0].tolist()
+    if budget is None:
+        return tuple(labels)
+    return within_budget(sorted(labels, key=lambda k: -float(bound[k])), candidates, budget)
 
 
 def _check_labels(labels: Sequence[str]) -> list[str]:

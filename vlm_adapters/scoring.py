@@ -88,3 +88,17 @@ class CandidateTree:
         rows, tokens, valid = (t.to(logprobs.device) for t in (self.rows, self.tokens, self.valid))
         picked = logprobs[:, rows, tokens]  # [B, K, W]
         return (picked * valid).sum(-1)
+
+
+def within_budget(order: Sequence[int], candidates: Sequence[Sequence[int]], budget: int) -> tuple[int, ...]:
+    """The longest leading run of `order` whose candidates' tree feeds at most `budget` tokens (a
+    candidate feeds every token but its last), sorted."""
+    fed: set[tuple[int, ...]] = set()
+    kept: list[int] = []
+    for k in order:
+        prefixes = {tuple(candidates[k][:i]) for i in range(1, len(candidates[k]))}
+        if len(fed | prefixes) > budget:
+            break
+        kept.append(k)
+        fed |= prefixes
+    return tuple(sorted(kept))
