@@ -23,13 +23,13 @@ sys.path.insert(0, root)
 import torch, transformers
 torch.set_num_threads(threads)
 out = {"mode": mode}
-if mode.startswith("baseline_"):  # also the code a load imports before any weight: Llama modeling (+ bitsandbytes)
+if mode.startswith("baseline_"):  # the code a load imports before any weight: Llama modeling (+ bitsandbytes ...)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
     if mode == "baseline_bnb":
         import bitsandbytes
     if mode == "baseline_library":
         import vlm_adapters.llm
-elif mode != "baseline":
+else:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     start = time.perf_counter()
     if mode == "nf4":  # the library's loader, as attach(quantization="nf4") calls it
@@ -99,6 +99,28 @@ def save_random_llm(config_kwargs: dict[str, int], folder: str, shard_bytes: int
 
 
 LOADS = ("bf16", "nf4", "nf4_transformers")  # nf4: vlm_adapters' loader; nf4_transformers: from_pretrained
+# What each load imports before reading a weight; "baseline_llama" (torch, transformers, Llama modeling) is
+# imported by all three, so it is the common baseline every net figure subtracts.
+IMPORTS = {"bf16": "baseline_llama", "nf4": "baseline_library", "nf4_transformers": "baseline_bnb"}
+LABELS = {"bf16": "bf16", "nf4": "NF4 (library)", "nf4_transformers": "NF4 (transformers)"}
+TARGET = 0.5
+
+
+def run_child(ctx: Context, mode: str, folder: str) -> dict[str, Any]:
+    """One load (or import baseline) in a fresh process, through a forking shell: Linux keeps ru_maxrss
+    across execve, so a child exec'd straight from this (large) process would report this process's peak."""
+    proc = subprocess.run(
+        ["/bin/sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-c", MEMORY_CHILD, mode, folder,
+         str(ctx.threads), ROOT],
+        capture_output=True, text=True, check=False,
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"memory child {mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(line[len("RESULT "):])
+    if not mode.startswith("baseline") and not result["finite"]:
+        raise RuntimeError(f"{mode}: the forward pass gave NaN/inf logits")
+    return result
 
 
 def bench_memory(ctx: Context) -> dict[str, Any]:
@@ -109,109 +131,108 @@ def bench_memory(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"params": params, "config": ctx.sizes.memory_llm, "runs": {}}
     for r in range(ctx.repeats):
         loads = LOADS[r % len(LOADS):] + LOADS[: r % len(LOADS)]  # rotate the order over the repeats
-        for mode in ("baseline", "baseline_llama", "baseline_bnb", "baseline_library", *loads):
-            # Through a forking shell: Linux keeps ru_maxrss across execve, so a child exec'd straight from
-            # this (large) process would report this process's peak; a child forked by a small shell does not.
-            proc = subprocess.run(
-                ["/bin/sh", "-c", '"$@"; exit $?', "sh", sys.executable, "-c", MEMORY_CHILD, mode, folder,
-                 str(ctx.threads), ROOT],
-                capture_output=True, text=True, check=False,
-            )
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                raise RuntimeError(f"memory child {mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-            result = json.loads(line[len("RESULT "):])
-            if not mode.startswith("baseline") and not result["finite"]:
-                raise RuntimeError(f"{mode}: the forward pass gave NaN/inf logits")
+        for mode in (*sorted(set(IMPORTS.values())), *loads):
+            result = run_child(ctx, mode, folder)
             out["runs"].setdefault(mode, []).append(result)
             status = ", ".join(f"{k} {v:.0f}" for k, v in result["status_mib"].items())
             log(f"memory repeat {r + 1} {mode}: ru_maxrss {result['maxrss_mib']:.0f} MiB ({status} MiB)")
     shutil.rmtree(folder, ignore_errors=True)
     peak = {m: [x["maxrss_mib"] for x in runs] for m, runs in out["runs"].items()}
-    base = peak["baseline"]
     out["peak"] = peak
-    # ru_maxrss and the kernel's high-water mark of this process image must agree (see the shell above).
+    # ru_maxrss and the kernel's high-water mark of this process image must agree (see run_child).
     out["maxrss_vs_hwm_mib"] = max(
         abs(x["maxrss_mib"] - x["status_mib"]["VmHWM"]) for runs in out["runs"].values() for x in runs
     )
-    libs = {"bf16": peak["baseline_llama"], "nf4": peak["baseline_library"], "nf4_transformers": peak["baseline_bnb"]}
-    out["libs"] = libs
+    base = peak["baseline_llama"]
     out["net"] = {m: [p - b for p, b in zip(peak[m], base, strict=True)] for m in LOADS}
-    out["net_libs"] = {m: [p - b for p, b in zip(peak[m], libs[m], strict=True)] for m in LOADS}
     for m in ("nf4", "nf4_transformers"):
         out.setdefault("ratio_raw", {})[m] = ratios(peak[m], peak["bf16"])
         out.setdefault("ratio_net", {})[m] = ratios(out["net"][m], out["net"]["bf16"])
-        out.setdefault("ratio_net_libs", {})[m] = ratios(out["net_libs"][m], out["net_libs"]["bf16"])
     return out
 
 
 def report_memory(ctx: Context, res: dict[str, Any]) -> str:
-    peak, net, net_libs, runs = res["peak"], res["net"], res["net_libs"], res["runs"]
+    peak, runs = res["peak"], res["runs"]
     fp = {m: runs[m][0]["footprint_mib"] for m in LOADS}
-    secs = {m: [x["seconds"] for x in runs[m]] for m in LOADS}
     rss = {(m, k): [x["status_mib"][k] for x in runs[m]] for m in LOADS for k in ("RssAnon", "RssFile")}
-    cfg = ", ".join(f"{k}={v}" for k, v in res["config"].items())
-
-    def verdict(values: list[float]) -> str:
-        med = statistics.median(values)
-        return f"{med:.2f}x, {'meets' if med <= 0.45 else 'misses'} it"
 
     def row(label: str, values: dict[str, list[float]], ratio: dict[str, list[float]] | None = None) -> str:
         cells = [stat(values[m]) for m in LOADS]
         cells += [stat(ratio[m], suffix="x") for m in ("nf4", "nf4_transformers")] if ratio else ["", ""]
         return f"| {label} | " + " | ".join(cells) + " |"
 
-    floor = 0.45 * statistics.median(peak["bf16"])
     return "\n".join([
         "## 3. Peak memory: NF4 vs bf16",
         "",
+        memory_setup(res),
+        "",
+        "| | bf16 | NF4 (library) | NF4 (transformers) | library / bf16 | transformers / bf16 |",
+        "|---|---|---|---|---|---|",
+        row("peak RSS MiB, median (min-max) (headline)", peak, res["ratio_raw"]),
+        row("peak RSS minus the common import baseline "
+            f"({stat(peak['baseline_llama'])} MiB), MiB", res["net"], res["ratio_net"]),
+        row("what the load imports before reading a weight (its own import baseline), MiB",
+            {m: peak[IMPORTS[m]] for m in LOADS}),
+        "| `get_memory_footprint()` MiB | " + " | ".join(num(fp[m]) for m in LOADS)
+        + f" | {fp['nf4'] / fp['bf16']:.2f}x | {fp['nf4_transformers'] / fp['bf16']:.2f}x |",
+        row("load + forward, s", {m: [x["seconds"] for x in runs[m]] for m in LOADS}),
+        row("at the end: anonymous memory (`RssAnon`), MiB", {m: rss[m, "RssAnon"] for m in LOADS}),
+        row("at the end: file-backed pages (`RssFile`: libraries and any mapped checkpoint), MiB",
+            {m: rss[m, "RssFile"] for m in LOADS}),
+        "",
+        MEMORY_MECHANISM,
+        "",
+        memory_verdict(res, fp),
+    ])
+
+
+def memory_setup(res: dict[str, Any]) -> str:
+    cfg = ", ".join(f"{k}={v}" for k, v in res["config"].items())
+    return (
         f"A Llama with random weights, {res['params'] / 1e9:.2f}B parameters (`LlamaConfig({cfg})`), saved once as "
         "bf16 safetensors shards, then loaded in a fresh subprocess, followed by one forward pass on 8 tokens. "
         "**NF4 (library)**: `vlm_adapters.llm.load_llm`, what `attach(quantization=\"nf4\")` runs (NF4, double "
         "quantization, bf16 compute). **NF4 (transformers)**: `AutoModelForCausalLM.from_pretrained(dir, "
         "quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", "
         "bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16), device_map={\"\": \"cpu\"})`. "
-        "**bf16**: the same call with `dtype=torch.bfloat16`. Peak = `ru_maxrss` of that process. "
-        "Baseline = a subprocess that only imports torch and transformers; the baselines with libraries also import "
-        "what each load imports before reading a weight (Llama modeling; + bitsandbytes; + vlm_adapters, with PEFT). "
-        "Embeddings and the LM head stay bf16 in every load (bitsandbytes quantizes only the linear layers of the "
-        "blocks).",
-        "",
-        "| | bf16 | NF4 (library) | NF4 (transformers) | library / bf16 | transformers / bf16 |",
-        "|---|---|---|---|---|---|",
-        row("peak RSS MiB, median (min-max)", peak, res["ratio_raw"]),
-        row("peak RSS minus the import baseline "
-            f"({stat(peak['baseline'])} MiB)", net, res["ratio_net"]),
-        row("baseline with the libraries each load imports, MiB", res["libs"]),
-        row("peak RSS minus that baseline (the weights and the load itself), MiB", net_libs, res["ratio_net_libs"]),
-        "| `get_memory_footprint()` MiB | " + " | ".join(num(fp[m]) for m in LOADS)
-        + f" | {fp['nf4'] / fp['bf16']:.2f}x | {fp['nf4_transformers'] / fp['bf16']:.2f}x |",
-        row("load + forward, s", secs),
-        row("at the end: anonymous memory (`RssAnon`), MiB", {m: rss[m, "RssAnon"] for m in LOADS}),
-        row("at the end: file-backed pages (`RssFile`: libraries and any mapped checkpoint), MiB",
-            {m: rss[m, "RssFile"] for m in LOADS}),
-        "",
-        "transformers maps the safetensors checkpoint into memory. A bf16 model's weights are those mapped pages. "
-        "Quantizing on load reads every page of the same bf16 file, and mapped pages count in the process's RSS "
-        "until the load ends, so transformers' NF4 load holds the whole bf16 file and the quantized copy at once. "
-        "The library hands transformers the same tensors, each mapped on its own and unmapped once quantized "
-        "(`_load_quantized_unmapped` in `vlm_adapters/llm.py`): one full-precision tensor is resident at a "
-        "time, and the weights it loads are identical (tested). Before each tensor it hands the heap's free pages "
-        "back to the OS (glibc `malloc_trim`): the quantization temporaries of one tensor were otherwise left "
-        "resident between the small quantized blocks. And it turns off bitsandbytes' CPU repacking of 4-bit "
-        "weights (which the library never uses: it has no autograd), so the forward pass does not allocate a "
-        "second, repacked copy of every weight.",
-        "",
-        f"Target NF4 <= 0.45x bf16 (library): raw peaks {verdict(res['ratio_raw']['nf4'])}; peaks minus the import "
-        f"baseline {verdict(res['ratio_net']['nf4'])}; minus the baselines with libraries "
-        f"{verdict(res['ratio_net_libs']['nf4'])}. "
-        + (f"A raw 0.45x would be {floor:,.0f} MiB, less than the library's import baseline "
-           f"({num(statistics.median(peak['baseline_library']))} MiB) plus the quantized model's own footprint "
-           f"({num(fp['nf4'])} MiB). " if floor < statistics.median(peak["baseline_library"]) + fp["nf4"] else "")
-        + "`ru_maxrss` agreed with the "
-        f"kernel's `VmHWM` of the same process within {num(res['maxrss_vs_hwm_mib'])} MiB in every run (each child "
-        "is forked by a small shell: Linux carries `ru_maxrss` across `execve`, so a child exec'd directly from the "
-        "benchmark process would report the benchmark's own, larger peak).",
-    ])
+        "**bf16**: the same call with `dtype=torch.bfloat16`. Peak = `ru_maxrss` of that process. The common "
+        "import baseline is a subprocess that imports what all three loads import before reading a weight (torch, "
+        "transformers, its Llama modeling); every net figure subtracts that one number. The import baselines of the "
+        "loads themselves add bitsandbytes (transformers' NF4) and PEFT with vlm_adapters (the library). Embeddings "
+        "and the LM head stay bf16 in every load (bitsandbytes quantizes only the linear layers of the blocks)."
+    )
 
 
+MEMORY_MECHANISM = (
+    "transformers maps the safetensors checkpoint into memory. A bf16 model's weights are those mapped pages. "
+    "Quantizing on load reads every page of the same bf16 file, and mapped pages count in the process's RSS "
+    "until the load ends, so transformers' NF4 load holds the whole bf16 file and the quantized copy at once. "
+    "The library hands transformers the same tensors, each mapped on its own and unmapped once quantized "
+    "(`_load_quantized_unmapped` in `vlm_adapters/llm.py`): one full-precision tensor is resident at a "
+    "time, and the weights it loads are identical (tested). Before each tensor it hands the heap's free pages "
+    "back to the OS (glibc `malloc_trim`): the quantization temporaries of one tensor were otherwise left "
+    "resident between the small quantized blocks. And it turns off bitsandbytes' CPU repacking of 4-bit "
+    "weights, so the forward pass does not allocate a second, repacked copy of every weight."
+)
+
+
+def memory_verdict(res: dict[str, Any], fp: dict[str, float]) -> str:
+    peak = {m: statistics.median(v) for m, v in res["peak"].items()}
+    raw = statistics.median(res["ratio_raw"]["nf4"])
+    allowed = TARGET * peak["bf16"]
+    floor = peak["baseline_library"] + fp["nf4"]
+    text = (
+        f"Target: NF4 raw peak <= {TARGET}x bf16 (library): {raw:.3f}x, {'met' if raw <= TARGET else 'missed'}. "
+    )
+    if floor > allowed:
+        text += (
+            f"{TARGET}x would be {allowed:,.0f} MiB. The library's load cannot end below what it imports "
+            f"({peak['baseline_library']:,.0f} MiB) plus the quantized model it holds ({fp['nf4']:,.0f} MiB: the 4-bit "
+            f"linear layers and the bf16 embeddings and LM head), {floor:,.0f} MiB, already "
+            f"{floor / peak['bf16']:.3f}x bf16; its peak is {peak['nf4'] - floor:,.0f} MiB above that floor. "
+        )
+    return text + (
+        f"`ru_maxrss` agreed with the kernel's `VmHWM` of the same process within {num(res['maxrss_vs_hwm_mib'])} "
+        "MiB in every run (each child is forked by a small shell: Linux carries `ru_maxrss` across `execve`, so a "
+        "child exec'd directly from the benchmark process would report the benchmark's own, larger peak)."
+    )

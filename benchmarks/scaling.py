@@ -7,7 +7,7 @@ import os
 import statistics
 from typing import Any
 
-from benchmarks.classify import time_classifiers
+from benchmarks.classify import live_classifiers, time_classifiers
 from benchmarks.common import PLANTVILLAGE_LABELS, StepTimes, log, num, stat, summary
 from benchmarks.context import Context
 from vlm_adapters import VisionLanguageModel
@@ -68,7 +68,7 @@ def bench_scaling(ctx: Context) -> dict[str, Any]:
         data = with_row_labels(scaling, names)
         per_sample = time_train_steps(ctx, s.num_image_tokens, data)
         model = ctx.model(s.num_image_tokens)  # initial weights: classification cost does not depend on them
-        timing = time_classifiers(ctx, model, ctx.test_images[: s.scaling_classify_images], names)
+        timing = time_classifiers(ctx, model, names, live_classifiers(ctx.test_images[: s.scaling_classify_images]))
         out["classes"][k] = {
             "per_sample": per_sample, "classify_library": timing["library"], "classify_reference": timing["reference"],
             "seq_len": mean_sequence_length(model, names),
