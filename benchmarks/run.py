@@ -76,6 +76,8 @@ def render(ctx: Context, command: str, ran: list[str], plot: str | None, seconds
         f"- date: {datetime.datetime.now().isoformat(timespec='minutes')}",
         f"- machine: {machine(ctx.threads)}",
         f"- sections: {', '.join(ran)}; total wall time {seconds / 60:.1f} min",
+        "- load average (1 min, from `os.getloadavg`) at the start and end of each section, and its minutes: "
+        + "; ".join(f"{name} {a:.1f} -> {b:.1f} ({t / 60:.1f} min)" for name, (a, b, t) in ctx.load.items()),
         f"- sizes: `{json.dumps(asdict(s))}`",
         "",
     ]
@@ -130,8 +132,10 @@ def main(argv: list[str] | None = None) -> None:
         }
         for name in ran:
             log(f"=== section {name} ===")
+            before = os.getloadavg()[0]
             with stopwatch() as t:
                 ctx.results[name] = benches[name](ctx)
+            ctx.load[name] = (before, os.getloadavg()[0], t[0])
             log(f"=== section {name} done in {t[0]:.0f} s ===")
         output = args.output
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

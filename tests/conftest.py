@@ -5,6 +5,8 @@ Nothing here touches the network: HF_HUB_OFFLINE is forced on for the whole sess
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import tempfile
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import TrainerCallback
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -91,12 +94,14 @@ def save_llm(path: str, family: str = "llama", chat_template: str | None = CHATM
     return path
 
 
-def save_vision(path: str, family: str = "vit") -> str:
+def save_vision(path: str, family: str = "vit", hidden_size: int = 32) -> str:
     from transformers import (
         CLIPVisionConfig,
         CLIPVisionModel,
         Dinov2Config,
         Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
         SiglipVisionConfig,
         SiglipVisionModel,
         ViTConfig,
@@ -105,7 +110,7 @@ def save_vision(path: str, family: str = "vit") -> str:
     )
 
     torch.manual_seed(0)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    common = dict(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     if family == "vit":
         model = ViTModel(ViTConfig(image_size=32, patch_size=8, **common), add_pooling_layer=False)
     elif family == "clip":
@@ -113,11 +118,45 @@ def save_vision(path: str, family: str = "vit") -> str:
     elif family == "siglip":
         model = SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, **common))
     elif family == "dinov2":
-        model = Dinov2Model(Dinov2Config(image_size=32, patch_size=8, num_register_tokens=0, **common))
+        model = Dinov2Model(Dinov2Config(image_size=32, patch_size=8, **common))
+    elif family == "dinov2_registers":  # CLS + 2 registers before the patch tokens, all to be dropped
+        config = Dinov2WithRegistersConfig(image_size=32, patch_size=8, num_register_tokens=2, **common)
+        model = Dinov2WithRegistersModel(config)
     else:
         raise ValueError(family)
     model.save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def save_image_text(path: str, family: str = "clip") -> str:
+    """A full CLIPModel / SiglipModel checkpoint, text tower included (as openai/clip-vit-base-patch32 and
+    google/siglip-base-patch16-224 are), with its image processor and a tokenizer that ends texts with EOS."""
+    from tokenizers import processors
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer(chat_template=None)
+    tokenizer.eos_token = "<|im_end|>"  # not id 2, which CLIP's text model takes for its legacy pooling
+    eos = tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A <|im_end|>", special_tokens=[("<|im_end|>", eos)]
+    )
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    vision = dict(common, image_size=32, patch_size=8)
+    text = dict(common, vocab_size=len(tokenizer), max_position_embeddings=64, bos_token_id=eos, eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id)
+    if family == "clip":
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    elif family == "siglip":
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    else:
+        raise ValueError(family)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 
@@ -167,3 +206,68 @@ def cache_dir(tmp_path, monkeypatch) -> str:
     path = str(tmp_path / "cache")
     monkeypatch.setenv("VLM_ADAPTERS_CACHE", path)
     return path
+
+
+class StepCounter(TrainerCallback):
+    """Records the global step after each optimizer step a `fit` runs (a resumed run runs only the rest)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def _hub_response(request):
+    """The Hub API's answers to what `create_repo` + `upload_folder` send (nothing is stored)."""
+    import httpx2 as httpx
+
+    path = request.url.path
+    if path == "/api/repos/create":
+        body = json.loads(request.content)
+        repo = f"{body.get('organization')}/{body['name']}"
+        return httpx.Response(200, json={"url": f"https://huggingface.co/{repo}", "name": repo})
+    if path == "/api/validate-yaml":  # the model card's metadata
+        return httpx.Response(200, json={"errors": [], "warnings": []})
+    if "/preupload/" in path:
+        files = json.loads(request.content)["files"]
+        return httpx.Response(200, json={"files": [
+            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
+        ]})
+    if "/commit/" in path:
+        return httpx.Response(200, json={
+            "commitUrl": "https://huggingface.co/me/colours/commit/" + "c" * 40, "commitOid": "c" * 40,
+            "commitMessage": "Upload", "pullRequestUrl": None,
+        })
+    return httpx.Response(404, json={"error": f"unexpected {request.method} {path}"})
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Only the network is replaced: huggingface_hub builds its real HTTP requests (create repo,
+    preupload, commit) and an in-process transport answers them. Yields the requests sent."""
+    import httpx2 as httpx  # the HTTP client huggingface_hub is built on
+    import huggingface_hub
+    from huggingface_hub.utils._http import default_client_factory
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    requests: list = []
+
+    def handler(request):
+        requests.append(request)
+        return _hub_response(request)
+
+    huggingface_hub.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(handler)))
+    try:
+        yield requests
+    finally:
+        huggingface_hub.set_client_factory(default_client_factory)
+        huggingface_hub.close_session()
+
+
+def uploaded_files(requests) -> dict[str, bytes]:
+    """Path -> content of every file in the commit request huggingface_hub sent."""
+    commit = next(r for r in requests if "/commit/" in r.url.path)
+    lines = [json.loads(line) for line in commit.content.decode().splitlines()]
+    files = [line["value"] for line in lines if line["key"] == "file"]
+    return {entry["path"]: base64.b64decode(entry["content"]) for entry in files}

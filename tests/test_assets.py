@@ -3,6 +3,23 @@
 No network: everything is read from installed packages and local folders. The SmolLM2 conversion
 (~20-30 s) runs once into the shared cache (`VLM_ADAPTERS_CACHE` or ~/.cache/vlm_adapters) and is
 reused by later runs.
+
+What each test proves:
+- fashion_mnist_features: a `datasets.Dataset` with an Image column of 28x28 grey images and the 10 ClassLabel names.
+- fashion_mnist_per_class_is_balanced_and_seeded: per_class rows of every class; the same seed, the same pixels;
+  another seed, others.
+- fashion_mnist_test_split_is_t10k: the test split is the 10,000-image t10k file, 1,000 per class.
+- fashion_mnist_errors: a missing folder names the apt package; an unknown split is refused.
+- fashion_mnist_per_class_too_large: asking for more rows than a class holds is refused.
+- efficientnet_lite0_feature_map_and_safetensors_cache: [B, 1280, 7, 7] maps from images of any size; a reload reads
+  safetensors only.
+- efficientnet_lite0_normalisation_is_x_minus_127_over_128: the processor computes (x - 127) / 128 exactly.
+- efficientnet_lite0_recognises_a_cat: ImageNet top-1 on a real photo is a cat: the weights and normalisation are the
+  real ones.
+- smollm2_instruct_folder_loads_offline: the converted folder loads in transformers, has the chat template and EOS,
+  and scores English far above chance.
+- smollm2_instruct_reuses_cache: a second call returns the cached folder without converting again.
+- build_folder_atomically: an interrupted build leaves nothing behind; an incomplete old folder is replaced.
 """
 
 from __future__ import annotations

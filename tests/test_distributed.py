@@ -1,9 +1,17 @@
-"""Data-parallel training through the Trainer's DDP: 2 CPU processes (gloo) match 1 process with the
-same global batch. The global batch is the whole 16-example set, so the comparison checks gradient
-synchronisation and loss normalisation, not the samplers' shuffling."""
+"""Data-parallel training through the Trainer's DDP, on 2 CPU processes (gloo).
+
+What each test proves:
+- two_processes_match_one_with_the_same_global_batch: 2 processes x 8 rows train the same weights as 1 process x 16
+  rows (4 steps, random sampler, float32, equal answer-token counts) within float tolerance, which checks gradient
+  synchronisation and loss normalisation; the images are encoded once, by rank 0, which writes the feature cache that
+  rank 1 reads.
+- each_torchrun_rank_loads_onto_its_own_gpu: with LOCAL_RANK=r on a 4-GPU machine (CUDA stubbed: none here),
+  `attach`'s device is cuda:r.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,30 +28,30 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, llm_dir, v
     single = subprocess.run([sys.executable, WORKER, llm_dir, vit_dir, str(tmp_path / "one"), "16"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    ddp = subprocess.run(
+    ddp = subprocess.run(  # an empty feature cache of its own: the images must be encoded once, by rank 0
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
          WORKER, llm_dir, vit_dir, str(tmp_path / "two"), "8"],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=dict(env, VLM_ADAPTERS_TEST_CACHE=str(tmp_path / "cache")), capture_output=True, text=True, timeout=600,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    def flat(run: str) -> torch.Tensor:
+    encoded = [json.loads((tmp_path / "two" / f"encoded-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert encoded == [48, 0]  # the 48 images once, by rank 0, which wrote the cache; rank 1 read it
+    def flat(run: str) -> torch.Tensor:  # the trained weights (the feature statistics are set, not trained)
         tensors = []
         for name in ("projector.safetensors", "adapter_model.safetensors"):
             weights = load_file(tmp_path / run / name)
-            tensors += [weights[key].flatten() for key in sorted(weights)]
+            tensors += [weights[key].flatten() for key in sorted(weights) if not key.startswith("feature_")]
         return torch.cat(tensors)
 
     init, one, two = flat("one/init"), flat("one/adapter"), flat("two/adapter")
     torch.testing.assert_close(init, flat("two/init"))  # same start
-    # Adam turns float-level differences in near-zero gradients into full steps for a few
-    # elements, so compare the runs' updates as a whole: they must agree to within 5 %.
     drift = (two - one).norm() / (one - init).norm()
-    assert drift < 0.05, f"2-process run differs from 1-process run by {drift:.1%} of the update"
+    assert drift < 1e-3, f"2-process run differs from 1-process run by {drift:.2e} of the update"
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-4)  # the largest element of the update is ~1e-2
 
 
 RANK_DEVICE = """
 import os
-import pytest
 import torch
 import torch.distributed as dist
 

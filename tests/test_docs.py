@@ -1,5 +1,11 @@
 """The documentation builds with `mkdocs build --strict` (broken links and bad references fail) and
-the README's two commands are the ones CI runs."""
+the README's two commands are the ones CI runs.
+
+What each test proves:
+- docs_build_strict: `mkdocs build --strict` succeeds.
+- readme_opens_with_the_two_commands: the README opens with the main command and the test command.
+- ruff_clean: `ruff check` passes on the repository.
+"""
 
 from __future__ import annotations
 

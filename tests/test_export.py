@@ -1,11 +1,23 @@
-"""`merge_and_export`: transformers alone loads the Llava checkpoint and computes the same logits."""
+"""`merge_and_export`: transformers alone loads the Llava checkpoint and computes the same logits.
+
+What each test proves:
+- llava_export_gives_the_same_logits: for CLIP and SigLIP, LlavaForConditionalGeneration gives our logits; its
+  processor expands one `<image>` into one token per patch and runs end to end.
+- nf4_lora_is_merged_into_full_precision_weights: an NF4-trained LoRA exports into float32 weights equal to the same
+  adapter on the float32 base, not the NF4-rounded model.
+- unsupported_models_fail_clearly: options Llava cannot express (projector norm, prefix, linear, pooling) name the fix
+  and write nothing.
+- non_vit_encoders_are_refused: a ViT encoder (not CLIP / SigLIP) is refused by name.
+- projector_norm_is_validated: a non-boolean projector_norm is refused.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from conftest import colour_image, save_vision
+from conftest import colour_image, save_image_text, save_vision
+from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vlm_adapters import attach, load, merge_and_export
@@ -14,9 +26,12 @@ from vlm_adapters.prompting import IMAGE_TOKEN_ID
 PROMPT = "What is shown in this image?"
 
 
-@pytest.fixture(scope="module", params=["clip", "siglip"])
+@pytest.fixture(scope="module", params=["clip", "siglip", "clip_full", "siglip_full"])
 def encoder(request, tmp_path_factory) -> tuple[str, str]:
-    return request.param, save_vision(str(tmp_path_factory.mktemp(request.param)), request.param)
+    """Vision-model checkpoints, and full CLIPModel / SiglipModel ones (text tower included) as users pass."""
+    family, full = request.param.removesuffix("_full"), request.param.endswith("_full")
+    path = str(tmp_path_factory.mktemp(request.param))
+    return family, save_image_text(path, family) if full else save_vision(path, family)
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +40,13 @@ def clip_dir(tmp_path_factory) -> str:
 
 
 def perturb(model) -> None:
-    """LoRA B starts at zero (merging would change nothing): give it and the projector random values."""
+    """LoRA B starts at zero (merging would change nothing): give every adapter weight and the projector
+    random values."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        lora_b = [p for name, p in model.llm.named_parameters() if "lora_B" in name]
-        assert lora_b
-        for param in [*lora_b, *model.projector.parameters()]:
+        adapter = [p for p in model.llm.parameters() if p.requires_grad]
+        assert adapter
+        for param in [*adapter, *model.projector.parameters()]:
             param.add_(0.1 * torch.randn(param.shape, generator=generator).to(param))
 
 
@@ -73,11 +89,17 @@ def test_llava_export_gives_the_same_logits(tmp_path, llm_dir, encoder):
         llava(**batch)  # runs end to end on the processor's own output
 
 
-def test_nf4_lora_is_merged_into_full_precision_weights(tmp_path, llm_dir, clip_dir):
-    """Trained on NF4, exported in float32: the export equals the same LoRA + projector on the
+@pytest.mark.parametrize(
+    "adapter",
+    ["lora", LoraConfig(use_dora=True, target_modules="all-linear"), IA3Config(),
+     AdaLoraConfig(total_step=10, target_modules="all-linear")],
+    ids=["lora", "dora", "ia3", "adalora"],
+)
+def test_nf4_adapter_is_merged_into_full_precision_weights(tmp_path, llm_dir, clip_dir, adapter):
+    """Trained on NF4, exported in float32: the export equals the same adapter + projector on the
     float32 base (vlm_adapters' own `load(..., quantization=None)`), not the NF4-rounded model."""
     pytest.importorskip("bitsandbytes")
-    model = attach(clip_dir, llm_dir, adapter="lora", quantization="nf4", projector_norm=False,
+    model = attach(clip_dir, llm_dir, adapter=adapter, quantization="nf4", projector_norm=False,
                    compute_dtype="float32", device="cpu")
     perturb(model)
     model.save_pretrained(str(tmp_path / "adapter"))
@@ -99,6 +121,7 @@ def test_nf4_lora_is_merged_into_full_precision_weights(tmp_path, llm_dir, clip_
     [
         ({"projector_norm": True}, "projector_norm=False"),
         ({"adapter": "prefix"}, "prefix"),
+        ({"adapter": PrefixTuningConfig(num_virtual_tokens=4)}, "prefix"),
         ({"projector": "linear"}, "mlp2x_gelu"),
         ({"num_image_tokens": 4}, "num_image_tokens=None"),
     ],

@@ -1,20 +1,39 @@
 """save_pretrained / load / push_to_hub: identical logits after a round trip, clear errors for
-folders that do not fit, the Hub cache read offline, and an upload with only HTTP replaced."""
+folders that do not fit, the Hub cache read offline, and an upload with only HTTP replaced.
+
+What each test proves:
+- save_then_load_gives_identical_logits: LoRA, prefix and projector-only adapters save only what was trained and
+  reload to the same label scores.
+- loading_onto_a_different_base_fails_clearly: another LLM, or a vision base of another width, is refused by the
+  signature check, naming both signatures.
+- folder_without_projector_fails_loudly: a folder without projector.safetensors is refused.
+- pickled_weights_are_refused_unless_allowed: pickles are refused by default and read with weights_only when allowed.
+- config_is_validated_before_any_weight_is_read: bad fields, unknown keys and broken JSON are named before weights are
+  opened.
+- in_memory_base_must_be_named_on_load: an adapter of an in-memory encoder asks for it on load, then gives the same
+  scores.
+- load_by_repo_id_reads_the_hub_cache_offline: a repo id (and a branch) load from the Hub cache with the network off.
+- nf4_base_by_repo_id_is_quantized_from_the_hub_cache_offline: the library's NF4 load finds sharded weights in the Hub
+  cache and equals transformers' load.
+- push_to_hub_uploads_the_adapter_through_huggingface_hub: the create-repo and commit requests carry the adapter
+  files, the visibility and the token, and no file holds the token.
+- a_failed_save_leaves_the_previous_adapter_intact: a full disk mid-save leaves the old folder, loading to the same
+  scores.
+- code_in_a_base_folder_is_never_run: a base folder's auto_map code is not imported without trust_remote_code.
+"""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
 
-import httpx2 as httpx  # the HTTP client huggingface_hub is built on
 import huggingface_hub
 import pytest
 import torch
-from conftest import colour_dataset, save_llm, save_vision
+from conftest import colour_dataset, save_llm, save_vision, uploaded_files
 from huggingface_hub import ModelCard
-from huggingface_hub.utils._http import default_client_factory
+from peft import AdaLoraConfig
 from safetensors.torch import load_file
 
 from vlm_adapters import AdapterLoadError, attach, load
@@ -70,11 +89,10 @@ def test_loading_onto_a_different_base_fails_clearly(tmp_path, llm_dir, vit_dir)
     other_llm = save_llm(str(tmp_path / "qwen"), "qwen2")
     with pytest.raises(AdapterLoadError, match="trained on a llm base .* Load it onto the same base"):
         load(folder, llm=other_llm)
-    other_vision = save_vision(str(tmp_path / "siglip"), "siglip")  # 16 patch tokens without CLS, as the ViT
-    shutil.copy(os.path.join(other_vision, "config.json"), tmp_path / "siglip.json")
-    bigger = json.loads((tmp_path / "siglip.json").read_text()) | {"hidden_size": 48, "num_attention_heads": 4}
-    (tmp_path / "siglip" / "config.json").write_text(json.dumps(bigger))
-    with pytest.raises((AdapterLoadError, RuntimeError, ValueError)):
+    # 16 patch tokens without CLS, as the ViT, but 48 wide: the signature check must name the mismatch
+    other_vision = save_vision(str(tmp_path / "siglip"), "siglip", hidden_size=48)
+    with pytest.raises(AdapterLoadError, match="trained on a vision base .*'hidden_size': 32.*'hidden_size': 48.* "
+                       "Load it onto the same base"):
         load(folder, vision=other_vision)
 
 
@@ -124,11 +142,13 @@ def test_in_memory_base_must_be_named_on_load(tmp_path, llm_dir, vit_dir):
     from transformers import ViTImageProcessor, ViTModel
 
     encoder = ViTModel.from_pretrained(vit_dir, add_pooling_layer=False)
-    model = attach(encoder, llm_dir, image_processor=ViTImageProcessor.from_pretrained(vit_dir))
+    model = _trained(attach(encoder, llm_dir, image_processor=ViTImageProcessor.from_pretrained(vit_dir)))
     folder = model.save_pretrained(str(tmp_path / "adapter"))
     with pytest.raises(AdapterLoadError, match="in-memory vision module.*load\\(.*vision="):
         load(folder)
-    assert load(folder, vision=encoder, image_processor=ViTImageProcessor.from_pretrained(vit_dir))
+    again = load(folder, vision=encoder, image_processor=ViTImageProcessor.from_pretrained(vit_dir))
+    images = [colour_dataset(1, seed=12)[i]["image"] for i in range(3)]
+    torch.testing.assert_close(_scores(again, images), _scores(model, images), rtol=0, atol=1e-5)
 
 
 def _put_in_hub_cache(cache: str, repo_id: str, folder: str, commit: str, branch: str) -> None:
@@ -179,56 +199,38 @@ def test_nf4_base_by_repo_id_is_quantized_from_the_hub_cache_offline(tmp_path, l
     assert ours.name_or_path == "me/tiny-llm"
 
 
-def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(tmp_path, llm_dir, vit_dir, monkeypatch):
-    """Only the HTTP layer is replaced: huggingface_hub builds the real create-repo and commit requests."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    requests: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        requests.append(request)
-        path = request.url.path
-        if path == "/api/repos/create":
-            return httpx.Response(200, json={"url": "https://huggingface.co/me/colours", "name": "me/colours"})
-        if path == "/api/validate-yaml":  # the model card's metadata
-            return httpx.Response(200, json={"errors": [], "warnings": []})
-        if "/preupload/" in path:
-            files = json.loads(request.content)["files"]
-            return httpx.Response(200, json={"files": [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
-            ]})
-        if "/commit/" in path:
-            return httpx.Response(200, json={
-                "commitUrl": "https://huggingface.co/me/colours/commit/" + "c" * 40, "commitOid": "c" * 40,
-                "commitMessage": "Upload", "pullRequestUrl": None,
-            })
-        return httpx.Response(404, json={"error": f"unexpected {request.method} {path}"})
-
-    huggingface_hub.set_client_factory(lambda: httpx.Client(transport=httpx.MockTransport(handler)))
-    try:
-        model = attach(vit_dir, llm_dir)
-        # the names a Hub user's config holds (the model card lists them as its bases and dataset)
-        model.config.llm, model.config.vision = "HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"
-        model.config.dataset = "me/colour-squares"
-        url = model.push_to_hub("me/colours", token="hf_SecretToken0123456789", private=True)
-    finally:
-        huggingface_hub.set_client_factory(default_client_factory)
-        huggingface_hub.close_session()
+@pytest.mark.parametrize(("adapter", "method", "with_app"), [
+    ("lora", "LORA", False), ("lora", "LORA", True), (AdaLoraConfig(total_step=10), "ADALORA", False)])
+def test_push_to_hub_uploads_the_adapter_through_huggingface_hub(
+    tmp_path, llm_dir, vit_dir, fake_hub, adapter, method, with_app
+):
+    """Only the HTTP layer is replaced: huggingface_hub builds the real create-repo and commit requests.
+    With `with_app`, the Space's app.py and requirements.txt go up too, and the card names the SDK."""
+    model = attach(vit_dir, llm_dir, adapter=adapter)
+    # the names a Hub user's config holds (the model card lists them as its bases and dataset)
+    model.config.llm, model.config.vision = "HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"
+    model.config.dataset = "me/colour-squares"
+    url = model.push_to_hub("me/colours", token="hf_SecretToken0123456789", private=True, with_app=with_app)
     assert url.endswith("c" * 40)
-    create = next(r for r in requests if r.url.path == "/api/repos/create")
+    create = next(r for r in fake_hub if r.url.path == "/api/repos/create")
     assert json.loads(create.content) == {"name": "colours", "organization": "me", "visibility": "private"}
     assert create.headers["authorization"] == "Bearer hf_SecretToken0123456789"
-    commit = next(r for r in requests if "/commit/" in r.url.path)
-    lines = [json.loads(line) for line in commit.content.decode().splitlines()]
-    uploaded = {line["value"]["path"]: line["value"] for line in lines if line["key"] == "file"}
+    uploaded = uploaded_files(fake_hub)
+    app_files = {"app.py", "requirements.txt"} if with_app else set()
     assert set(uploaded) == {CONFIG_NAME, "projector.safetensors", "adapter_config.json",
-                             "adapter_model.safetensors", "README.md"}
-    card = ModelCard(base64.b64decode(uploaded["README.md"]["content"]).decode())
+                             "adapter_model.safetensors", "README.md"} | app_files
+    card = ModelCard(uploaded["README.md"].decode())
+    assert (card.data.get("sdk"), card.data.get("app_file")) == (("gradio", "app.py") if with_app else (None, None))
+    if with_app:
+        app = uploaded["app.py"].decode()
+        assert "serve(load(here)" in app and "colours (vlm_adapters)" in app
     assert card.data.base_model == ["HuggingFaceTB/SmolLM2-135M-Instruct", "google/siglip-base-patch16-224"]
     assert card.data.datasets == ["me/colour-squares"] and card.data.pipeline_tag == "image-text-to-text"
-    assert card.data.library_name == "vlm_adapters"
+    assert card.data.library_name == "vlm_adapters" and method.lower() in card.data.tags
+    assert json.loads(uploaded["adapter_config.json"])["peft_type"] == method
     assert 'load("me/colours")' in card.text  # the usage snippet names the real repo
-    for name, entry in uploaded.items():
-        assert b"hf_SecretToken" not in base64.b64decode(entry["content"]), name
+    for name, content in uploaded.items():
+        assert b"hf_SecretToken" not in content, name
 
 
 def test_a_failed_save_leaves_the_previous_adapter_intact(tmp_path, llm_dir, vit_dir, images, monkeypatch):

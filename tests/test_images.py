@@ -1,6 +1,60 @@
 """`load_image`: every input becomes an RGB PIL image with the right pixels, or an ImageLoadError
 whose message names the problem and the fix. Nothing here needs a model; all files are tiny and
-made in the test (docs/reliability.md lists the inputs with the test that covers each)."""
+made in the test (docs/reliability.md lists the inputs with the test that covers each).
+
+What each test proves:
+- 16bit_grayscale_png_is_stretched_to_full_range_not_clipped: a 16-bit PNG's own range maps onto 0-255.
+- mode_I_and_F_are_stretched_over_their_own_range: 32-bit integer and float images are stretched, not clipped.
+- constant_high_bit_depth_image_becomes_black_not_an_error: a flat 16-bit image gives black.
+- one_bit_image_gives_black_and_white: mode "1" gives pure black and white.
+- palette_image_without_transparency_uses_its_palette_colours: palette indices become their colours.
+- palette_image_with_transparency_composites_onto_white: transparent palette entries (PNG, GIF) become white.
+- rgba_composites_onto_white: RGBA is composited onto white, not stripped of alpha.
+- la_composites_onto_white: grey + alpha is composited onto white.
+- other_alpha_modes_composite_onto_white: RGBa, La and PA are composited onto white.
+- cmyk_jpeg_on_disk_reads_back_as_sensible_rgb: a CMYK JPEG reads as the RGB colour it shows.
+- exif_rotated_jpeg_comes_out_upright: EXIF orientations 6 and 8 are applied.
+- one_by_one_images: 1x1 images (PIL RGB / L / BMP, arrays, uint16) give 1x1 RGB with their pixel.
+- numpy_hw_uint8_is_grey: an HxW uint8 array is grey with the same values.
+- numpy_hwc_uint8_is_exact: HxWx3 and HxWx1 uint8 arrays keep their pixels exactly.
+- numpy_hwc4_composites_onto_white: an HxWx4 array is composited onto white.
+- numpy_chw_float_in_unit_range_is_scaled_and_transposed: a CxHxW float array in [0, 1] is scaled and transposed.
+- numpy_uint16_array_is_stretched: a uint16 array is stretched over its own range.
+- numpy_bool_array_is_black_and_white: a bool array gives black and white.
+- torch_chw_float_tensor: a CxHxW float tensor gives the same image as the array.
+- torch_uint8_chw_and_bfloat16_tensors: uint8 CxHxW and bfloat16 tensors give exact / right-sized RGB.
+- datasets_dict_bytes_path_and_raw_bytes: datasets' {"bytes", "path"} dicts, raw bytes, str and Path load.
+- rgb_pil_image_passes_unchanged: an RGB PIL image comes back with the same pixels.
+- truncated_file_names_path_and_fix: a truncated JPEG / PNG names the path and the fix.
+- lazily_opened_truncated_pil_image: a truncated file opened lazily by PIL fails clearly when decoded.
+- pil_image_whose_file_was_closed: an image whose file was closed fails clearly.
+- garbage_bytes_are_not_an_image: random bytes are named as not an image.
+- png_with_corrupt_pixel_data: a PNG with corrupt pixel data fails clearly.
+- zero_byte_file: an empty file is named as empty.
+- text_file_named_png: a text file with an image suffix is named as text.
+- dicom_where_png_expected_names_pydicom: a DICOM file names pydicom as the fix.
+- missing_path: a missing file, or a folder, names the path as not found.
+- decompression_bomb_is_refused: an image over PIL's bomb limit is refused.
+- decompression_bomb_warning_zone: in PIL's warning zone an image loads and the warning reaches the caller (an
+  ImageLoadError under -W error); past it, refused.
+- array_of_bad_shape: arrays of shapes that are no image are refused with the shape named.
+- zero_dim_array: a 0-d array is refused.
+- empty_array: arrays with a zero dimension are refused.
+- nan_or_inf_array: NaN / inf anywhere in an array is refused.
+- float_pil_image_with_nan: a float PIL image with NaN is refused.
+- array_of_unsupported_dtype: complex, object and other dtypes are refused by name.
+- unsupported_object_type: objects that are no image source are refused by type.
+- datasets_dict_without_bytes_or_path: a dict without bytes or path is refused.
+- empty_pil_image: a 0-pixel PIL image is refused.
+- tiff_with_mistyped_tag_is_a_clear_error: a TIFF with a mistyped tag gives an ImageLoadError, not a crash.
+- property_any_mode_and_size_gives_rgb_of_same_size: any PIL mode and size, in memory or on disk, gives RGB of that
+  size.
+- property_arrays_and_tensors_give_rgb_of_same_size: arrays and tensors of every dtype and layout give RGB of their
+  size.
+- property_any_array_gives_rgb_or_image_load_error: any shape, dtype and NaN/inf placement gives RGB or
+  ImageLoadError.
+- fuzzed_files_give_rgb_or_image_load_error: mutated bytes of real files give RGB or ImageLoadError, nothing else.
+"""
 
 from __future__ import annotations
 

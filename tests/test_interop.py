@@ -1,4 +1,9 @@
-"""What other libraries read of a saved adapter: PEFT loads its LoRA part by itself."""
+"""What other libraries read of a saved adapter: PEFT loads its LoRA part by itself.
+
+What each test proves:
+- plain_peft_loads_the_lora_part: `peft.PeftModel.from_pretrained` on the saved folder restores the trained LoRA
+  weights.
+"""
 
 from __future__ import annotations
 

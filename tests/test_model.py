@@ -1,6 +1,46 @@
-"""attach / forward / classify / describe on tiny random models in real NF4 (bitsandbytes on CPU)."""
+"""attach / forward / classify / describe on tiny random models in real NF4 (bitsandbytes on CPU).
+
+What each test proves:
+- attach_loads_llm_in_nf4_with_lora: Llama, Qwen2 and GPT-2 load in NF4 with LoRA; only LoRA and the projector train;
+  the encoder stays frozen, in eval mode and unquantized; the projector is float32.
+- nf4_load_without_mapping_equals_transformers_load: the one-tensor-at-a-time NF4 load equals transformers' own
+  (single and sharded files) in weights, logits and recorded path, with CPU repacking off.
+- quantization_none_and_linear_projector: quantization=None, a linear projector and adapter="none" train the projector
+  only.
+- classify_contract: probabilities over the labels sum to 1, sorted; a batch gives the single image's answer.
+- label_scoring_equals_full_sequence_likelihood: trie scoring equals each full sequence's log-likelihood (LoRA,
+  prefix).
+- predict_equals_the_best_full_score: predict's bounded search returns the top exact score.
+- describe_equals_greedy_decoding_of_the_full_sequence: describe (prompt KV cache) equals greedy decoding that reruns
+  the whole sequence each step, alone and in a batch.
+- forward_loss_only_on_answer_tokens_and_plain_torch_loop: labels cover only the answer; logits come only there; a
+  plain PyTorch loop lowers the loss.
+- packed_training_forward_equals_the_padded_batch: the packed forward gives the padded batch's loss and gradients.
+- packed_rows_end_at_their_last_supervised_token: packing feeds no token after a row's last target.
+- prompt_head_runs_once_per_call_and_sees_weights_changed_between_calls: the prompt head is computed once per call,
+  with per-batch results, and again after the weights change.
+- pixel_values_and_cached_features_give_the_same_loss: raw pixels and cached features give the same loss.
+- projector_pooling_reduces_image_tokens: avg / pixel_shuffle pooling computes the documented grid pooling (quadrant
+  means, 2x2 neighbours side by side, 1-D windows when the output is not square) before norm and MLP.
+- inference_before_training_leaves_the_4bit_weights_trainable: classify / describe before training change neither the
+  training loss nor the gradient path.
+- auto_compute_dtype_is_the_faster_of_bf16_and_fp32: bf16 only when >= 1.25x faster; the choice reaches every 4-bit
+  layer.
+- auto_compute_dtype_is_decided_once_per_machine_and_read_back: the decision is written once per machine key with a
+  log line, and read back (a decision on file wins over a new timing).
+- int8_base_trains_and_reloads: quantization="int8" loads int8 layers, gradients reach LoRA, the loss falls, and a
+  reload is int8 with the same scores.
+- fused_lora_4bit_equals_peft_lora_in_loss_and_gradients: the fused LoRA node runs on every layer and equals PEFT's
+  forward in loss and gradients (fp32 and bf16 compute).
+- fused_lora_4bit_falls_back_to_peft_where_it_does_not_apply: a disabled adapter gives the base model's scores; with
+  dropout no fused node runs and PEFT's dropout does.
+"""
 
 from __future__ import annotations
+
+import json
+import logging
+import os
 
 import bitsandbytes as bnb
 import pytest
@@ -131,13 +171,33 @@ def test_predict_equals_the_best_full_score(llm_dir, vit_dir, images, adapter):
     assert model.predict(images[:3], labels) == top and model.predict(images[0], labels) == top[0]
 
 
+def _greedy_without_cache(model, image, prompt, max_new_tokens):
+    """Greedy decoding the plain way: the whole sequence through the PEFT model at every step."""
+    features = model.vision.encode_images([image])
+    ids = list(model.prompts.encode(prompt).input_ids)
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=torch.tensor([ids + new]), image_features=features).logits
+            new.append(int(logits[0, -1].argmax()))
+            if new[-1] in model.stop_token_ids:
+                new.pop()
+                break
+    return model.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
 @pytest.mark.parametrize("adapter", ["lora", "prefix"])
-def test_describe_returns_text(llm_dir, vit_dir, images, adapter):
+def test_describe_equals_greedy_decoding_of_the_full_sequence(llm_dir, vit_dir, images, adapter):
     model = attach(vit_dir, llm_dir, adapter=adapter)
+    with torch.no_grad():  # LoRA B starts at zero: give the adapter a say in what is generated
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    model.eval()
     text = model.describe(images[0], max_new_tokens=6)
-    assert isinstance(text, str)
+    assert text and text == _greedy_without_cache(model, images[0], model.config.describe_prompt, 6)
     texts = model.describe(images[:2], max_new_tokens=6)
-    assert isinstance(texts, list) and len(texts) == 2 and texts[0] == text
+    assert texts == [text, _greedy_without_cache(model, images[1], model.config.describe_prompt, 6)]
 
 
 def test_forward_loss_only_on_answer_tokens_and_plain_torch_loop(llm_dir, vit_dir):
@@ -168,14 +228,16 @@ def test_forward_loss_only_on_answer_tokens_and_plain_torch_loop(llm_dir, vit_di
 @pytest.mark.parametrize("adapter", ["lora", "prefix"])
 def test_packed_training_forward_equals_the_padded_batch(llm_dir, vit_dir, images, adapter):
     """The packed forward (shared heads, no padding) gives the loss and gradients of running every
-    padded row through the LLM on its own, with rows of two prompts and different lengths. In float32:
-    bfloat16 rounds the two ways' matmuls of other shapes differently."""
+    padded row through the LLM on its own, with rows of two prompts, different lengths and one or
+    two images (everything before a row's first image is its shared head). In float32: the check is
+    of the math (bf16 rounds the two layouts' matmuls differently, ~1e-3 relative in the gradients)."""
     model = attach(vit_dir, llm_dir, adapter=adapter, system_prompt="Be brief.", compute_dtype="float32")
     model.train()
-    rows = [("What is shown in this image?", "red"), ("Describe this image.", "a green shape on white"),
-            ("What is shown in this image?", "a photo of a cat"), ("Describe this image.", "blue")]
-    batch = pad_right([model.prompts.encode(p, a) for p, a in rows], model.pad_token_id)
-    features = model.vision.encode_images(images[:4])
+    rows = [("What is shown in this image?", "red", 1), ("Describe this image.", "a green shape on white", 2),
+            ("What is shown in this image?", "a photo of a cat", 2), ("Describe this image.", "blue", 1),
+            ("Left: <image> right: <image>", "red blue", 2)]
+    batch = pad_right([model.prompts.encode(p, a, num_images=n) for p, a, n in rows], model.pad_token_id)
+    features = model.vision.encode_images((images * 2)[:8])
     packed = model(**batch, image_features=features)
     grad_packed = torch.autograd.grad(packed.loss, model.projector.proj[0].weight)[0]
     embeds = model.embed(batch["input_ids"], model.image_embeddings(image_features=features))
@@ -260,11 +322,27 @@ def test_pixel_values_and_cached_features_give_the_same_loss(llm_dir, vit_dir):
         assert model(**pixel_batch).loss.item() == pytest.approx(model(**feature_batch).loss.item(), rel=1e-6)
 
 
+def _expected_pooling(features, pooling, tokens):
+    """The documented pooling of a 4x4 grid of patch tokens, written out by hand."""
+    grid = features.reshape(features.shape[0], 4, 4, -1)  # [B, row, col, C]
+    quadrants = [grid[:, r : r + 2, c : c + 2] for r in (0, 2) for c in (0, 2)]
+    if pooling == "pixel_shuffle":  # each 2x2 neighbourhood's channels side by side, row-major
+        return torch.stack([q.reshape(q.shape[0], -1) for q in quadrants], 1)
+    if tokens == 4:  # a square output: the mean over each quarter of the grid
+        return torch.stack([q.mean((1, 2)) for q in quadrants], 1)
+    # not square: adaptive average pooling over the sequence, overlapping windows [0:6], [5:11], [10:16]
+    return torch.stack([features[:, a:b].mean(1) for a, b in ((0, 6), (5, 11), (10, 16))], 1)
+
+
 @pytest.mark.parametrize("pooling,tokens", [("avg", 4), ("pixel_shuffle", 4), ("avg", 3)])
 def test_projector_pooling_reduces_image_tokens(llm_dir, vit_dir, images, pooling, tokens):
     model = attach(vit_dir, llm_dir, num_image_tokens=tokens, pooling=pooling)
-    embeds = model.image_embeddings(image_features=model.vision.encode_images(images[:2]))
+    features = model.vision.encode_images(images[:2])
+    embeds = model.image_embeddings(image_features=features)
     assert embeds.shape == (2, tokens, model.config.llm_signature["hidden_size"])
+    pooled = _expected_pooling(features, pooling, tokens)  # standardisation is the identity before fit
+    with torch.no_grad():
+        torch.testing.assert_close(embeds, model.projector.proj(model.projector.norm(pooled)))
     assert model.classify(images[0], LABELS)
 
 
@@ -286,7 +364,8 @@ def test_inference_before_training_leaves_the_4bit_weights_trainable(llm_dir, vi
 
 
 def test_auto_compute_dtype_is_the_faster_of_bf16_and_fp32(llm_dir, vit_dir):
-    from vlm_adapters.llm import faster_dtype, native_compute_dtype
+    from vlm_adapters.compute_dtype import faster_dtype
+    from vlm_adapters.llm import native_compute_dtype
 
     assert faster_dtype(fp32_seconds=1.0, bf16_seconds=0.5) == "bfloat16"  # e.g. a CPU with AMX
     assert faster_dtype(fp32_seconds=1.0, bf16_seconds=0.9) == "float32"  # not clearly faster: the exact one
@@ -296,6 +375,72 @@ def test_auto_compute_dtype_is_the_faster_of_bf16_and_fp32(llm_dir, vit_dir):
     assert model.config.compute_dtype in ("bfloat16", "float32")
     compute = {m.compute_dtype for m in model.base_llm.modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert compute == {getattr(torch, model.config.compute_dtype)}
+
+
+def _fused_lora_nodes(loss: torch.Tensor) -> int:
+    """How many fused LoRA autograd nodes produced `loss`: proof the fused forward ran, not only was installed."""
+    seen, stack, count = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == "_LoRA4bitBackward"
+        stack += [child for child, _ in node.next_functions]
+    return count
+
+
+def test_auto_compute_dtype_is_decided_once_per_machine_and_read_back(llm_dir, vit_dir, cache_dir, caplog):
+    """A timing at every attach flipped with the machine's load; the decision is cached per machine."""
+    from vlm_adapters.compute_dtype import DECISIONS_FILE, cpu_compute_dtype, machine_key
+
+    with caplog.at_level(logging.INFO, logger="vlm_adapters.compute_dtype"):
+        first = cpu_compute_dtype()
+    path = os.path.join(cache_dir, DECISIONS_FILE)
+    with open(path) as fh:
+        decisions = json.load(fh)
+    assert list(decisions) == [machine_key()] and decisions[machine_key()]["dtype"] == first
+    assert f": {first}, timed now, cached in {path}" in caplog.text
+    other = "bfloat16" if first == "float32" else "float32"
+    decisions[machine_key()]["dtype"] = other  # a decision on file wins over a new timing
+    with open(path, "w") as fh:
+        json.dump(decisions, fh)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vlm_adapters.compute_dtype"):
+        model = attach(vit_dir, llm_dir)
+    assert model.config.compute_dtype == other
+    assert {m.compute_dtype for m in model.base_llm.modules() if isinstance(m, bnb.nn.Linear4bit)} == {
+        getattr(torch, other)
+    }
+    assert f": {other}, the decision cached for this machine in {path}" in caplog.text
+
+
+def test_int8_base_trains_and_reloads(tmp_path, llm_dir, vit_dir, images):
+    from vlm_adapters import load
+
+    model = attach(vit_dir, llm_dir, quantization="int8")
+    int8 = [m for m in model.base_llm.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    assert int8 and {m.weight.dtype for m in int8} == {torch.int8}
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    ds = colour_dataset(2, seed=10)
+    batch = VLMCollator(model, LABELS)([ds[i] for i in range(6)])
+    model.train()
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch).loss
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+        optim.step()
+        optim.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    again = load(model.save_pretrained(str(tmp_path / "adapter")))
+    assert again.config.quantization == "int8"
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in again.base_llm.modules())
+    features = model.vision.encode_images(images[:3])
+    torch.testing.assert_close(again.score_labels(features, LABELS, "Colour?"),
+                               model.score_labels(features, LABELS, "Colour?"), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
@@ -318,10 +463,12 @@ def test_fused_lora_4bit_equals_peft_lora_in_loss_and_gradients(llm_dir, vit_dir
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     fused = model(**batch).loss
+    assert _fused_lora_nodes(fused) == len(lora_layers)  # every LoRA layer ran fused, once
     fused_grads = torch.autograd.grad(fused, params)
     with peft_lora_forward(model):
         assert not any("forward" in m.__dict__ for m in lora_layers)
         plain = model(**batch).loss
+        assert _fused_lora_nodes(plain) == 0
         plain_grads = torch.autograd.grad(plain, params)
     assert all("forward" in m.__dict__ for m in lora_layers)
     tol = 1e-5 if compute_dtype == "float32" else 2e-2
@@ -331,22 +478,31 @@ def test_fused_lora_4bit_equals_peft_lora_in_loss_and_gradients(llm_dir, vit_dir
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+def _with_lora_b(model, value):
+    with torch.no_grad():
+        for name, param in model.llm.named_parameters():
+            if "lora_B" in name:
+                param.fill_(value)
+    return model
+
+
 def test_fused_lora_4bit_falls_back_to_peft_where_it_does_not_apply(llm_dir, vit_dir, images):
     """Disabled adapters and LoRA dropout take PEFT's own forward."""
-    model = attach(vit_dir, llm_dir, lora_dropout=0.1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.fill_(0.05)
+    model = _with_lora_b(attach(vit_dir, llm_dir), 0.05)  # no dropout: fused until the adapter is disabled
     features = model.vision.encode_images(images[:2])
     with_lora = model.score_labels(features, LABELS, "Colour?")
     with model.llm.disable_adapter():
-        without = model.score_labels(features, LABELS, "Colour?")
-    assert not torch.allclose(with_lora, without)
+        disabled = model.score_labels(features, LABELS, "Colour?")
+    base = _with_lora_b(model, 0.0).score_labels(features, LABELS, "Colour?")  # LoRA's term zero: the base
+    torch.testing.assert_close(disabled, base, rtol=0, atol=1e-5)
+    assert not torch.allclose(with_lora, base, atol=1e-3)
+
+    model = _with_lora_b(attach(vit_dir, llm_dir, lora_dropout=0.1), 0.05)
     model.train()
     ds = colour_dataset(2, seed=9)
     batch = VLMCollator(model, LABELS)([ds[i] for i in range(4)])
     torch.manual_seed(0)
     first = model(**batch).loss
+    assert _fused_lora_nodes(first) == 0
     torch.manual_seed(1)
     assert model(**batch).loss.item() != first.item()  # dropout masks differ: PEFT's dropout ran

@@ -1,4 +1,17 @@
-"""Prompts through the LLM's own chat template; fallbacks and clear errors."""
+"""Prompts through the LLM's own chat template; fallbacks and clear errors.
+
+What each test proves:
+- prompt_uses_the_chat_template_with_image_placeholders: system + user turn with one run of image placeholders; only
+  the answer and end of turn are supervised.
+- llm_without_chat_template_or_pad_token_uses_plain_template: a GPT-2 style LLM gets the plain template and EOS
+  padding, and classifies and describes.
+- prompt_too_long_is_an_error_never_a_truncation: a prompt over the context is refused; image tokens are never cut.
+- classify_rejects_empty_or_duplicate_labels: empty or repeated labels are refused.
+- cuda_device_on_a_cpu_machine_is_a_clear_error: device="cuda" without a GPU names the fix.
+- bad_attach_options_name_the_field: unknown projector / adapter / quantization values name the field.
+- image_position_and_configs_saved_before_the_option: the question comes before the image by default, after it with
+  image_first; configs saved before the option load with the image first.
+"""
 
 from __future__ import annotations
 
@@ -81,3 +94,27 @@ def test_image_position_and_configs_saved_before_the_option():
     assert AdapterConfig().image_first is False
     old = {k: v for k, v in AdapterConfig().to_dict().items() if k != "image_first"}
     assert AdapterConfig.from_dict(old).image_first is True  # adapters from before the option put the image first
+
+
+def test_several_images_get_one_placeholder_run_each_after_the_prompt_or_at_its_markers():
+    tok = train_tokenizer()
+    builder = PromptBuilder(tok, num_image_tokens=3, max_length=256)
+    one = builder.prompt_ids("Which colour?")
+    assert builder.prompt_ids("Which colour?", 1) == one  # one image: the layout adapters were trained with
+    two = list(builder.prompt_ids("Which colour?", 2))
+    assert two.count(IMAGE_TOKEN_ID) == 6
+    runs = [i for i in range(len(two)) if two[i] == IMAGE_TOKEN_ID and (i == 0 or two[i - 1] != IMAGE_TOKEN_ID)]
+    assert len(runs) == 2 and two[runs[0] + 3] != IMAGE_TOKEN_ID  # two runs, with text between them
+    question = tok("Which colour?", add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(two)) if two[i : i + len(question)] == question)
+    assert start + len(question) <= runs[0]  # after the prompt by default
+    first = PromptBuilder(tok, num_image_tokens=3, max_length=256, image_first=True).prompt_ids("Which colour?", 2)
+    asked = next(i for i in range(len(first)) if list(first[i : i + len(question)]) == question)
+    assert first.index(IMAGE_TOKEN_ID) < asked  # image_first: before it
+    placed = builder.encode("Front: <image> Side: <image> Which colour?", "red", num_images=2)
+    text = tok.decode([i if i != IMAGE_TOKEN_ID else tok.convert_tokens_to_ids("<pad>") for i in placed.input_ids])
+    assert "Front: <pad><pad><pad> Side: <pad><pad><pad> Which colour?" in text
+    with pytest.raises(ValueError, match="has 1 <image> markers but the row has 2 images"):
+        builder.encode("Front: <image> Which colour?", num_images=2)
+    with pytest.raises(PromptTooLongError, match="60 image tokens for 20 image"):
+        PromptBuilder(tok, num_image_tokens=3, max_length=40).encode("Which colour?", num_images=20)

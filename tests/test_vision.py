@@ -1,4 +1,16 @@
-"""Every encoder kind: transformers ViT / CLIP / SigLIP / DINOv2 (by path and as a module), timm, any CNN."""
+"""Every encoder kind: transformers ViT / CLIP / SigLIP / DINOv2 (by path and as a module), timm, any CNN.
+
+What each test proves:
+- hf_encoders_by_path_and_as_module: ViT, CLIP, SigLIP, DINOv2 and DINOv2 with registers give the penultimate layer's
+  patch tokens with CLS and registers dropped, by path and in memory.
+- feature_layer_is_configurable: vision_feature_layer=-1 gives other features than the default -2.
+- timm_models: timm ViTs give forward_features without prefix tokens, timm CNNs their feature map flattened per
+  position.
+- generic_feature_map_module_is_frozen_and_flattened: any [B, C, H, W] module is flattened, frozen, and keeps its
+  batch-norm statistics through fit.
+- encoder_without_patch_tokens_is_a_clear_error: an encoder returning no tokens is refused by name.
+- vision_tower_runs_without_autograd: encoding returns float32 features without a graph.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +33,7 @@ def image():
     return colour_dataset(1, seed=4)[0]["image"]
 
 
-@pytest.mark.parametrize("family", ["vit", "clip", "siglip", "dinov2"])
+@pytest.mark.parametrize("family", ["vit", "clip", "siglip", "dinov2", "dinov2_registers"])
 def test_hf_encoders_by_path_and_as_module(tmp_path, llm_dir, image, family):
     path = save_vision(str(tmp_path / family), family)
     model = attach(path, llm_dir)
@@ -31,7 +43,9 @@ def test_hf_encoders_by_path_and_as_module(tmp_path, llm_dir, image, family):
     encoder = model.vision.encoder
     pixels = model.vision.preprocess([image])
     hidden = encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-    torch.testing.assert_close(tokens, hidden[:, hidden.shape[1] - GRID :])
+    prefix = {"siglip": 0, "dinov2_registers": 3}.get(family, 1)  # CLS (+ registers) come first
+    assert hidden.shape[1] == prefix + GRID
+    torch.testing.assert_close(tokens, hidden[:, prefix:])
     assert model.config.vision == path
     # the same encoder passed in memory, with its processor
     module = AutoModel.from_pretrained(path)
@@ -55,9 +69,15 @@ def test_timm_models(llm_dir, image):
         model = attach(encoder, llm_dir)
         assert model.vision.kind == "timm"
         out = model.vision.encode_images([image])
-        assert out.ndim == 3 and out.shape[1] > 0
-        if name == "test_vit":  # prefix (CLS) tokens dropped
-            assert out.shape[1] == encoder.patch_embed.num_patches
+        with torch.no_grad():
+            features = encoder.forward_features(model.vision.preprocess([image]))
+        if name == "test_vit":  # tokens [B, prefix + patches, C]: the prefix (CLS) tokens dropped
+            assert encoder.num_prefix_tokens > 0
+            expected = features[:, encoder.num_prefix_tokens :]
+            assert expected.shape[1] == encoder.patch_embed.num_patches
+        else:  # a feature map [B, C, H, W] -> one token per position
+            expected = features.flatten(2).transpose(1, 2)
+        torch.testing.assert_close(out, expected)
         assert sum(model.classify(image, ["red", "blue"]).values()) == pytest.approx(1.0, abs=1e-5)
 
 

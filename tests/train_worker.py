@@ -1,5 +1,6 @@
 """Run by test_reliability in a child process: train on the colour task, optionally SIGKILL itself
-mid-epoch (a crash with no chance to clean up), or resume from the last checkpoint."""
+mid-epoch (a crash with no chance to clean up), or resume from the last checkpoint; writes the
+steps it ran (steps-fresh.json / steps-resume.json), the final adapter and its test accuracy."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from conftest import colour_dataset  # noqa: E402
+from conftest import StepCounter, colour_dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from vlm_adapters import attach  # noqa: E402
@@ -28,13 +29,17 @@ class KillAt(TrainerCallback):
 def main() -> None:
     llm_dir, vit_dir, out_dir, kill_at, resume = sys.argv[1:6]
     train, test = colour_dataset(24, seed=0), colour_dataset(10, seed=1)
-    model = attach(vit_dir, llm_dir)
-    callbacks = [KillAt(int(kill_at))] if int(kill_at) > 0 else []
+    # A resumed process starts from other weights: only the checkpoint can make it match a straight run.
+    model = attach(vit_dir, llm_dir, seed=1 if resume == "resume" else 0)
+    counter = StepCounter()
+    callbacks = [counter] + ([KillAt(int(kill_at))] if int(kill_at) > 0 else [])
     model.fit(
         train, output_dir=out_dir, num_train_epochs=3, save_strategy="steps", save_steps=2, save_total_limit=2,
         learning_rate=5e-3, projector_lr=5e-3, disable_tqdm=True, seed=0, callbacks=callbacks,
         resume_from_checkpoint=resume == "resume" or None,
     )
+    with open(os.path.join(out_dir, f"steps-{resume}.json"), "w") as fh:
+        json.dump(counter.steps, fh)
     model.save_pretrained(os.path.join(out_dir, "final"))
     with open(os.path.join(out_dir, "accuracy.json"), "w") as fh:
         json.dump(model.evaluate(test)["accuracy"], fh)

@@ -1,4 +1,4 @@
-"""vlm_adapters: attach a frozen vision encoder to a 4-bit LLM with LoRA or prefix adapters.
+"""vlm_adapters: attach a frozen vision encoder to a 4-bit LLM with a PEFT adapter (LoRA, prefix, AdaLoRA ...).
 
 The public names load on first use (as transformers' top-level names do), so `import vlm_adapters`
 pulls in none of torch, transformers, PEFT, bitsandbytes, datasets or scikit-learn.
@@ -7,11 +7,20 @@ pulls in none of torch, transformers, PEFT, bitsandbytes, datasets or scikit-lea
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
+# On CPUs with AVX512-BF16, importing bitsandbytes (PEFT does) logs "Failed to load CPU gemm_4bit_forward
+# from kernels-community" when the `kernels` package is absent. That kernel serves only the repacked 4-bit
+# CPU path, which this library turns off (`llm.disable_cpu_4bit_repacking`), so the message is dropped.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+)
+
+# public name -> the module that defines it (no module shares a public name: an imported submodule
+# would shadow it as an attribute of the package)
 _EXPORTS = {
     "AdapterConfig": "config",
     "AttachOptions": "config",
@@ -21,9 +30,9 @@ _EXPORTS = {
     "PromptTooLongError": "prompting",
     "VLMCollator": "collator",
     "VisionLanguageModel": "model",
-    "attach": "attach",
-    "load": "attach",
-    "load_data": "data",
+    "attach": "builder",
+    "load": "builder",
+    "load_data": "sources",
     "load_image": "images",
     "merge_and_export": "export",
     "split_for_eval": "data",
@@ -32,15 +41,16 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
-    from .attach import attach, load
+    from .builder import attach, load
     from .collator import VLMCollator
     from .config import AdapterConfig, AttachOptions, FitOptions
-    from .data import load_data, split_for_eval
+    from .data import split_for_eval
     from .export import merge_and_export
     from .hub import AdapterLoadError
     from .images import ImageLoadError, load_image
     from .model import VisionLanguageModel
     from .prompting import PromptTooLongError
+    from .sources import load_data
 
 
 def __getattr__(name: str) -> Any:

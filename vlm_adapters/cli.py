@@ -8,19 +8,28 @@ every field is a `--flag`, `--help` lists them all, and a YAML/JSON file can hol
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import glob
+import functools
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .cli_predict import PredictOptions, cmd_predict
 from .config import AttachOptions, FitOptions
+
+DATA_HELP = (
+    "image folder (class sub-folders, optionally inside train/ test/ val/), CSV/JSONL file, save_to_disk dir or Hub id"
+)
+LABEL_MAP_HELP = "JSON file {label in the data: label to train or score}, e.g. {\"PNEUMONIA\": \"pneumonia\"}"
+EVAL_SPLITS = ("validation", "test")  # what an evaluation during training takes from a split source
+TEST_SPLITS = ("test", "validation")  # what `evaluate` takes
 
 
 @dataclass
@@ -36,9 +45,13 @@ class TrainOptions:
 
     vision: str = field(metadata={"help": "Hub id or local path of the vision encoder"})
     llm: str = field(metadata={"help": "Hub id or local path of the causal LLM"})
-    train: str = field(metadata={"help": "imagefolder dir, CSV/JSONL file, save_to_disk dir or Hub dataset id"})
-    eval: str | None = field(default=None, metadata={"help": "eval data; default: a stratified 10%% of train"})
+    train: str = field(metadata={"help": f"{DATA_HELP}; a split source gives its train split"})
+    eval: str | None = field(default=None, metadata={
+        "help": "eval data (a split source gives its validation, else test split); default: the train source's "
+        "validation split, else a stratified 10%% of train"})
+    label_map: str | None = field(default=None, metadata={"help": LABEL_MAP_HELP})
     push_to_hub_id: str | None = field(default=None, metadata={"help": "Hub repo id to push the adapter to"})
+    with_app: bool = field(default=False, metadata={"help": "also write app.py + requirements.txt (a Gradio Space)"})
 
 
 @dataclass
@@ -46,21 +59,31 @@ class EvaluateOptions:
     """Evaluate a saved adapter on a dataset; writes metrics.json and a confusion matrix."""
 
     adapter: str = field(metadata={"help": "adapter folder or Hub repo id"})
-    data: str = field(metadata={"help": "imagefolder dir, CSV/JSONL file, save_to_disk dir or Hub dataset id"})
-    split: str = "test"
+    data: str = field(metadata={"help": DATA_HELP})
+    split: str | None = field(default=None, metadata={"help": "split to evaluate; default: test, else validation, "
+                                                      "else the only one (a flat folder)"})
+    label_map: str | None = field(default=None, metadata={"help": LABEL_MAP_HELP})
+    batch_size: int = 16
     output_dir: str = "runs/evaluate"
 
 
 @dataclass
-class PredictOptions:
-    """Classify and describe a folder or glob of images; writes CSV or JSONL (label, probability, description)."""
+class ServeOptions:
+    """A web app (Gradio) on an adapter: upload images, see label probabilities, a description, ask questions."""
 
     adapter: str = field(metadata={"help": "adapter folder or Hub repo id"})
-    images: str = field(metadata={"help": "a folder or a glob such as 'scans/*.png'"})
-    output: str = "predictions.jsonl"
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0: every interface)"})
+    port: int = 7860
     labels: str | None = field(default=None, metadata={"help": "comma-separated labels; default: the adapter's"})
-    describe: bool = True
-    max_new_tokens: int = 48
+    max_upload_mb: float = field(default=20.0, metadata={"help": "larger uploads are refused"})
+
+
+@dataclass
+class ExportOptions:
+    """Merge the LoRA and write a plain transformers Llava model + processor (see merge_and_export)."""
+
+    adapter: str = field(metadata={"help": "adapter folder or Hub repo id"})
+    output_dir: str = field(metadata={"help": "folder to write the Llava checkpoint to"})
 
 
 @dataclass
@@ -73,96 +96,105 @@ class PushOptions:
     revision: str | None = None
 
 
-def _changed_training_args(args: TrainingArguments) -> dict[str, Any]:
-    """Only the TrainingArguments the user set, so fit()'s own defaults apply to the rest."""
-    defaults = TrainingArguments(output_dir=args.output_dir)
-    return {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainingArguments)
-        if f.init and getattr(args, f.name) != getattr(defaults, f.name)
-    } | {"output_dir": args.output_dir}
+def given_names(rest: Sequence[str], config: dict[str, Any] | None) -> set[str]:
+    """The option names the user wrote (flags, or the keys of a YAML / JSON file): a TrainingArguments
+    flag set to transformers' own default is still the user's choice over fit()'s defaults."""
+    if config is not None:
+        return set(config)
+    flags = {arg[2:].split("=", 1)[0] for arg in rest if arg.startswith("--")}
+    return flags | {name[3:] for name in flags if name.startswith("no_")}
+
+
+def _given_training_args(args: TrainingArguments, given: set[str]) -> dict[str, Any]:
+    """Only the TrainingArguments the user gave, so fit()'s own defaults apply to the rest."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init and f.name in given}
 
 
 def cmd_train(
-    opts: TrainOptions, attach_opts: AttachOptions, fit_opts: FitOptions, training_args: TrainingArguments
+    opts: TrainOptions, attach_opts: AttachOptions, fit_opts: FitOptions, training_args: TrainingArguments,
+    given: set[str],
 ) -> None:
-    from .attach import attach
-    from .data import load_data, split_for_eval
+    from .builder import attach
+    from .data import split_for_eval
+    from .fit import DEFAULT_ARGS
+    from .sources import load_data, load_splits, pick_split
 
-    train = load_data(opts.train)
-    evaluation = load_data(opts.eval, split="test") if opts.eval else None
-    if evaluation is None:
+    splits = load_splits(opts.train)
+    train = pick_split(splits, opts.train, None, ("train",))
+    if opts.eval:
+        evaluation = load_data(opts.eval, None, EVAL_SPLITS)
+    elif "validation" in splits and len(splits) > 1:
+        evaluation = splits["validation"]
+    else:
         train, evaluation = split_for_eval(train)
+    train, evaluation = with_label_map(train, opts.label_map), with_label_map(evaluation, opts.label_map)
     model = attach(opts.vision, opts.llm, **dataclasses.asdict(attach_opts))
     if not os.path.exists(opts.train):
         model.config.dataset = opts.train  # a Hub dataset id, named in the model card
-    result = model.fit(
-        train, evaluation, **dataclasses.asdict(fit_opts), **_changed_training_args(training_args)
-    )
-    adapter_dir = model.save_pretrained(os.path.join(training_args.output_dir, "adapter"))
+    chosen = _given_training_args(training_args, given)
+    result = model.fit(train, evaluation, **dataclasses.asdict(fit_opts), **chosen)
+    output_dir = chosen.get("output_dir", DEFAULT_ARGS["output_dir"])
+    adapter_dir = model.save_pretrained(os.path.join(output_dir, "adapter"), with_app=opts.with_app)
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}, indent=2))
     print(f"adapter saved to {adapter_dir}")
     if opts.push_to_hub_id:
-        print(model.push_to_hub(opts.push_to_hub_id))
+        print(model.push_to_hub(opts.push_to_hub_id, with_app=opts.with_app))
+
+
+def with_label_map(data: Any, label_map: str | None) -> Any:
+    from .sources import read_label_map, rename_labels
+
+    return rename_labels(data, read_label_map(label_map)) if label_map else data
+
+
+def load_data_for(source: str, split: str | None, prefer: Sequence[str], label_map: str | None) -> Any:
+    from .sources import load_data
+
+    return with_label_map(load_data(source, split, prefer), label_map)
 
 
 def cmd_evaluate(opts: EvaluateOptions) -> None:
-    from .attach import load
-    from .data import load_data
+    from .builder import load
 
-    metrics = load(opts.adapter).evaluate(load_data(opts.data, split=opts.split), output_dir=opts.output_dir)
+    data = load_data_for(opts.data, opts.split, TEST_SPLITS, opts.label_map)
+    metrics = load(opts.adapter).evaluate(data, output_dir=opts.output_dir, batch_size=opts.batch_size)
     os.makedirs(opts.output_dir, exist_ok=True)
     with open(os.path.join(opts.output_dir, "metrics.json"), "w", encoding="utf-8") as fh:
         json.dump(metrics, fh, indent=2)
     print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}, indent=2))
 
 
-def image_paths(pattern: str) -> list[str]:
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "**", "*")
-    paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    if not paths:
-        raise FileNotFoundError(f"no image files match {pattern!r}.")
-    return paths
+def cmd_serve(opts: ServeOptions) -> None:
+    from .app import serve  # gradio loads only for this command
+    from .builder import load
+
+    name = os.path.basename(os.path.abspath(opts.adapter)) if os.path.isdir(opts.adapter) else opts.adapter
+    serve(load(opts.adapter), host=opts.host, port=opts.port, labels=_split_labels(opts.labels),
+          max_upload_mb=opts.max_upload_mb, title=f"{name} (vlm_adapters)")
 
 
-def cmd_predict(opts: PredictOptions) -> None:
-    from .attach import load
+def cmd_export(opts: ExportOptions) -> None:
+    from .builder import load
 
-    model = load(opts.adapter)
-    labels = opts.labels.split(",") if opts.labels else model.config.labels
-    if not labels:
-        raise ValueError("this adapter was not trained on class labels; pass --labels a,b,c.")
-    rows = []
-    for path in image_paths(opts.images):
-        probs = model.classify(path, labels)
-        label, probability = next(iter(probs.items()))
-        row = {"image": path, "label": label, "probability": round(probability, 6)}
-        if opts.describe:
-            row["description"] = model.describe(path, max_new_tokens=opts.max_new_tokens)
-        rows.append(row)
-    with open(opts.output, "w", encoding="utf-8", newline="") as fh:
-        if opts.output.endswith(".csv"):
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        else:
-            fh.writelines(json.dumps(row) + "\n" for row in rows)
-    print(f"{len(rows)} predictions written to {opts.output}")
+    print(load(opts.adapter).merge_and_export(opts.output_dir))
+
+
+def _split_labels(text: str | None) -> list[str] | None:
+    return [label.strip() for label in text.split(",")] if text else None
 
 
 def cmd_push(opts: PushOptions) -> None:
     from huggingface_hub import create_repo, upload_folder
 
     from .config import AdapterConfig
-    from .hub import HUB_FILES, PROJECTOR_FILE
+    from .hub import APP_FILES, HUB_FILES, PROJECTOR_FILE
 
     AdapterConfig.load(opts.adapter_dir)  # refuse a damaged folder before uploading it
     if not os.path.exists(os.path.join(opts.adapter_dir, PROJECTOR_FILE)):
         raise FileNotFoundError(f"{opts.adapter_dir} has no {PROJECTOR_FILE}; it is not a complete adapter.")
     create_repo(opts.repo_id, private=opts.private, exist_ok=True)
     info = upload_folder(repo_id=opts.repo_id, folder_path=opts.adapter_dir, revision=opts.revision,
-                         allow_patterns=HUB_FILES)
+                         allow_patterns=HUB_FILES + APP_FILES)
     print(getattr(info, "commit_url", info))
 
 
@@ -187,9 +219,37 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     ),
     "evaluate": (EvaluateOptions.__doc__ or "", lambda: ((EvaluateOptions,), cmd_evaluate)),
     "predict": (PredictOptions.__doc__ or "", lambda: ((PredictOptions,), cmd_predict)),
+    "serve": (ServeOptions.__doc__ or "", lambda: ((ServeOptions,), cmd_serve)),
+    "export": (ExportOptions.__doc__ or "", lambda: ((ExportOptions,), cmd_export)),
     "push": (PushOptions.__doc__ or "", lambda: ((PushOptions,), cmd_push)),
     "convert-gguf": (ConvertOptions.__doc__ or "", lambda: ((ConvertOptions,), cmd_convert)),
 }
+
+
+def fix_flags(parser: argparse.ArgumentParser, classes: Sequence[type]) -> None:
+    """Two gaps of HfArgumentParser, closed for the option dataclasses (argparse keeps no public index
+    of its actions): a `list[str] | str` field gets no default (`--lora_target_modules` was None unless
+    given), and an Optional field cannot be set back to None (`--quantization none`,
+    `--num_image_tokens none`). Text fields keep 'none' as text."""
+    for cls in classes:
+        if cls is TrainingArguments:
+            continue
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            action = parser._option_string_actions.get(f"--{f.name}")
+            if not f.init or action is None:
+                continue
+            if action.default is None and f.default not in (None, dataclasses.MISSING):
+                action.default = f.default
+            args = typing.get_args(hints[f.name])
+            if type(None) in args and str not in args:
+                action.type = functools.partial(_none_or, action.type)
+                if action.choices is not None:
+                    action.choices = [*action.choices, None]
+
+
+def _none_or(convert: Callable[[str], Any], text: str) -> Any:
+    return None if text.lower() == "none" else convert(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -198,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="vlm-adapters",
         description="Vision adapters for 4-bit LLMs. Run `vlm-adapters COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(f"  {name:<13} {doc}" for name, (doc, _) in COMMANDS.items()),
+        epilog="\n".join(f"  {name:<13} {' '.join(doc.split())}" for name, (doc, _) in COMMANDS.items()),
     )
     top.add_argument("command", choices=list(COMMANDS))
     if not argv or argv[0] in ("-h", "--help"):
@@ -208,14 +268,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     description, resolve = COMMANDS[command]
     classes, run = resolve()
     parser = HfArgumentParser(classes, prog=f"vlm-adapters {command}", description=description)
+    fix_flags(parser, classes)
     rest = argv[1:]
-    if len(rest) == 1 and rest[0].endswith((".yaml", ".yml")):
-        options = parser.parse_yaml_file(rest[0])
-    elif len(rest) == 1 and rest[0].endswith(".json"):
-        options = parser.parse_json_file(rest[0])
+    config = None
+    if len(rest) == 1 and rest[0].endswith((".yaml", ".yml", ".json")):
+        with open(rest[0], encoding="utf-8") as fh:
+            config = yaml.safe_load(fh)  # JSON is YAML
+        options = parser.parse_dict(config)
     else:
         options = parser.parse_args_into_dataclasses(rest)
-    run(*options)
+    run(*options, **({"given": given_names(rest, config)} if TrainingArguments in classes else {}))
     return 0
 
 

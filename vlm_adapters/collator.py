@@ -1,7 +1,9 @@
-"""`VLMCollator`: dataset rows -> `model(**batch)` inputs (input_ids, attention_mask, labels, the image).
+"""`VLMCollator`: dataset rows -> `model(**batch)` inputs (input_ids, attention_mask, labels, the images).
 
-Rows hold an `image` (or cached `image_features`) plus either `label` (a class) or `answer` (free
-text, with an optional `prompt`). The model packs the padded batch itself (`packing.py`).
+Rows hold an `image`, `images` (a list) or cached `image_features`, plus either `label` (a class)
+or `answer` (free text), each with an optional `prompt`; label rows and answer rows mix freely in
+one batch. The images of all rows go into one tensor in row order, image by image, the order of
+their placeholders in `input_ids`. The model packs the padded batch itself (`packing.py`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import label_text
-from .features import FEATURES_COLUMN
+from .data import FEATURES_COLUMN, label_text, row_images
 from .prompting import IGNORE_INDEX, EncodedPrompt
 
 if TYPE_CHECKING:
@@ -57,14 +58,26 @@ class VLMCollator:
         return example.get("prompt") or config.classify_prompt, name
 
     def encode(self, example: dict[str, Any]) -> EncodedPrompt:
-        return self.model.prompts.encode(*self.text(example))
+        return self.model.prompts.encode(*self.text(example), num_images=num_images(example))
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = pad_right([self.encode(ex) for ex in examples], self.model.pad_token_id)
         if FEATURES_COLUMN in examples[0]:
-            batch[FEATURES_COLUMN] = torch.stack([torch.as_tensor(ex[FEATURES_COLUMN]) for ex in examples]).float()
+            batch[FEATURES_COLUMN] = torch.cat([_image_features(ex) for ex in examples]).float()
         else:
-            batch["pixel_values"] = self.model.vision.preprocess([ex["image"] for ex in examples])
+            batch["pixel_values"] = self.model.vision.preprocess([img for ex in examples for img in row_images(ex)])
         return batch
+
+
+def _image_features(example: dict[str, Any]) -> torch.Tensor:
+    """[images, tokens, hidden] of a row: cached 'image' rows hold [tokens, hidden]."""
+    features = torch.as_tensor(example[FEATURES_COLUMN])
+    return features[None] if features.dim() == 2 else features
+
+
+def num_images(example: dict[str, Any]) -> int:
+    if FEATURES_COLUMN in example:
+        return len(_image_features(example))
+    return len(row_images(example))
 
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 CONFIG_NAME = "vlm_adapter_config.json"
 
 AdapterKind = Literal["lora", "prefix", "none"]
+# What a saved config records: "peft" for an adapter given as a PEFT config object (see `peft_type`).
+SavedAdapterKind = Literal["lora", "prefix", "none", "peft"]
 Quantization = Literal["nf4", "int8"]
 ProjectorKind = Literal["linear", "mlp2x_gelu"]
 PoolingKind = Literal["avg", "pixel_shuffle"]
@@ -132,10 +134,26 @@ class AdapterConfig(AttachOptions):
     vision_revision: str | None = _option(None, "revision of the vision encoder on the Hub")
     llm_revision: str | None = _option(None, "revision of the LLM on the Hub")
     dataset: str | None = _option(None, "Hub id of the training dataset, named in the model card")
+    adapter: SavedAdapterKind = _option(
+        "lora", "lora / prefix / none, or 'peft' for an adapter given as a PEFT config object"
+    )
+    peft_type: str | None = _option(
+        None, "PEFT method of an adapter='peft' (e.g. 'ADALORA'); PEFT's adapter_config.json holds its options, "
+        "and lora_* / num_prefix_tokens are unused"
+    )
     vision_signature: dict[str, Any] = field(default_factory=dict)
     llm_signature: dict[str, Any] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
     format_version: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if (self.adapter == "peft") != (self.peft_type is not None):
+            raise ValueError(
+                f"AdapterConfig(adapter={self.adapter!r}, peft_type={self.peft_type!r}): adapter='peft' records an "
+                "adapter given as a PEFT config object, with its peft_type. To attach one, pass the object itself: "
+                "attach(..., adapter=LoraConfig(...))."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,7 +203,8 @@ class FitOptions:
     projector_lr: float = _option(1e-3, "learning rate of the projector (the adapter uses learning_rate)")
     align_epochs: float = _option(0.0, "epochs of projector-only training first (LLaVA's stage 1)")
     describe_ratio: float | None = _option(
-        None, "share of label rows taught as describe examples (None: 0.25 for label data, 0 otherwise)"
+        None, "share of label rows taught as describe examples (None: 0.25 for label-only data, 0 when the data "
+        "has answer rows)"
     )
     describe_template: str = _option("This image shows {label}.", "the describe answer for a label row")
     cache_features: bool = _option(True, "encode each image once and cache the encoder features on disk")

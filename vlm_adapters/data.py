@@ -1,20 +1,24 @@
-"""Datasets in: loading them from where users keep them, and checking them before training.
+"""Datasets checked before training: row kinds, images per row, label names.
 
-Examples are rows with an `image` (or cached `image_features`) plus either `label` (class index
-with a ClassLabel feature, or a string) or `answer` (free text, with an optional `prompt`).
+Examples are rows with an `image`, or `images` (a list: several views in one row), or cached
+`image_features`, plus either `label` (class index with a ClassLabel feature, or a string) or
+`answer` (free text), and an optional `prompt`. One dataset may mix label rows and answer rows
+(both columns present, one of them null in each row), as captions + questions + class labels come.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from .features import FEATURES_COLUMN
+# Cached encoder output (`features.py`): [tokens, hidden] per 'image' row, [images, tokens, hidden] per 'images' row.
+FEATURES_COLUMN = "image_features"
 
 
 def as_dataset(data: Any, what: str = "dataset") -> datasets.Dataset:
@@ -26,17 +30,90 @@ def as_dataset(data: Any, what: str = "dataset") -> datasets.Dataset:
             raise ValueError(f"{what} is empty; it needs at least one example.")
         if not all(isinstance(row, dict) for row in data):
             raise ValueError(f"{what} must be a list of dicts with 'image' and 'label' or 'answer' keys.")
-        data = datasets.Dataset.from_list([_string_safe(row) for row in data])
+        # from_list takes its columns from the first row; rows of different kinds (label / answer,
+        # image / images) have different keys, so every row gets every key (None where it has none).
+        keys = list(dict.fromkeys(key for row in data for key in row))
+        data = datasets.Dataset.from_list([_string_safe({key: row.get(key) for key in keys}) for row in data])
     if not isinstance(data, datasets.Dataset):
         raise TypeError(f"{what} must be a datasets.Dataset or a list of dicts, got {type(data).__name__}.")
     if len(data) == 0:
         raise ValueError(f"{what} is empty; it needs at least one example.")
     columns = set(data.column_names)
-    if not columns & {"image", FEATURES_COLUMN}:
-        raise ValueError(f"{what} has columns {sorted(columns)} but needs an 'image' column.")
+    if not columns & {"image", "images", FEATURES_COLUMN}:
+        raise ValueError(f"{what} has columns {sorted(columns)} but needs an 'image' column (or 'images', a list).")
     if not columns & {"label", "answer"}:
         raise ValueError(f"{what} has columns {sorted(columns)} but needs 'label' (classes) or 'answer' (free text).")
+    row_kinds(data, what)
+    if FEATURES_COLUMN not in columns:
+        _check_images(data, what)
     return data
+
+
+def _column(data: datasets.Dataset, name: str) -> pa.ChunkedArray:
+    """One column as Arrow (the dataset's own row order, nothing decoded): checks cost no image decoding."""
+    return data.select_columns([name]).with_format("arrow")[:][name]
+
+
+def _first(mask: pa.ChunkedArray) -> int | None:
+    rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+    return int(rows[0]) if len(rows) else None
+
+
+def row_kinds(data: datasets.Dataset, what: str = "dataset") -> list[str]:
+    """'label' or 'answer' for each row; a row with both or neither is an error naming it."""
+    names = [name for name in ("label", "answer") if name in data.column_names]
+    has = {name: pc.invert(pc.is_null(_column(data, name))) for name in names}
+    if len(has) == 1:
+        (name, present), = has.items()
+        if (row := _first(pc.invert(present))) is not None:
+            raise ValueError(f"{what}: row {row} has no {name!r}; every row needs one.")
+        return [name] * len(data)
+    both, neither = pc.and_(has["label"], has["answer"]), pc.invert(pc.or_(has["label"], has["answer"]))
+    for mask, problem in ((both, "both a 'label' and an 'answer'"), (neither, "neither a 'label' nor an 'answer'")):
+        if (row := _first(mask)) is not None:
+            raise ValueError(
+                f"{what}: row {row} has {problem}; a row is a label row or an answer row (set the other to None)."
+            )
+    return ["label" if flag else "answer" for flag in has["label"].to_pylist()]
+
+
+def _check_images(data: datasets.Dataset, what: str) -> None:
+    """Each row has its image(s) in exactly one of 'image' and 'images', and no empty list."""
+    if "images" not in data.column_names:
+        return
+    lengths = _lengths(_column(data, "images"))
+    if (row := _first(pc.and_(pc.equal(lengths, 0), pc.invert(pc.is_null(_column(data, "images")))))) is not None:
+        raise ValueError(f"{what}: row {row} has an empty 'images' list; give every row at least one image.")
+    if "image" in data.column_names:
+        single = pc.invert(pc.is_null(_column(data, "image")))
+        many = pc.greater(lengths, 0)
+        for mask, problem in ((pc.and_(single, many), "both 'image' and 'images'"),
+                              (pc.invert(pc.or_(single, many)), "neither 'image' nor 'images'")):
+            if (row := _first(mask)) is not None:
+                raise ValueError(f"{what}: row {row} has {problem}; give each row one of them (the other None).")
+
+
+def _lengths(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Length of each list in a column (0 for a null row; a column of nulls only has type null)."""
+    if isinstance(column.type, pa.ExtensionType):  # datasets' ArrayXD: the list sits in the storage
+        column = pa.chunked_array([chunk.storage for chunk in column.chunks], column.type.storage_type)
+    if pa.types.is_null(column.type):
+        return pa.chunked_array([pa.array([0] * len(column), pa.int32())])
+    return pc.fill_null(pc.list_value_length(column), 0)
+
+
+def row_images(example: dict[str, Any]) -> list[Any]:
+    """The images of one row, in order: its 'images' list, else its one 'image'."""
+    many = example.get("images")
+    return list(many) if many is not None else [example["image"]]
+
+
+def image_counts(data: datasets.Dataset) -> list[int]:
+    """How many images each row holds (from Arrow list lengths: nothing decoded)."""
+    name = FEATURES_COLUMN if FEATURES_COLUMN in data.column_names else "images"
+    if name not in data.column_names or isinstance(data.features[name], datasets.Array2D):
+        return [1] * len(data)
+    return [n or 1 for n in _lengths(_column(data, name)).to_pylist()]  # null 'images': the row's one 'image'
 
 
 def _string_safe(row: dict[str, Any]) -> dict[str, Any]:
@@ -52,14 +129,17 @@ def _string_safe(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def label_names(data: datasets.Dataset) -> list[str] | None:
-    """Class names from a ClassLabel feature or the sorted set of string labels; None for free text."""
+    """Class names from a ClassLabel feature or the sorted set of string labels (answer rows' null
+    labels left out); None for free text."""
     if "label" not in data.column_names:
         return None
     feature = data.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-        return sorted(set(data["label"]))
+        return sorted(set(_column(data, "label").drop_null().to_pylist())) or None
+    if isinstance(feature, datasets.Value) and feature.dtype == "null":  # every row is an answer row
+        return None
     raise ValueError(
         f"the 'label' column has type {feature}; labels must be strings or a ClassLabel. For integer labels, "
         "name the classes: data = data.cast_column('label', datasets.ClassLabel(names=[...]))."
@@ -71,27 +151,6 @@ def label_text(label: Any, names: Sequence[str] | None) -> str:
         label = label.item()
     return names[label] if isinstance(label, (int, np.integer)) and names else str(label)
 
-
-def load_data(source: str, split: str = "train") -> datasets.Dataset:
-    """A dataset from where users keep one: an `imagefolder` directory (class sub-folders), a CSV /
-    JSON Lines file with an image-path column, a folder written by `save_to_disk`, or a Hub dataset id."""
-    if os.path.isdir(source):
-        if any(os.path.exists(os.path.join(source, name)) for name in ("dataset_info.json", "state.json")):
-            return datasets.load_from_disk(source)
-        loaded = datasets.load_dataset("imagefolder", data_dir=source)
-    elif source.endswith((".csv", ".json", ".jsonl")):
-        builder = "csv" if source.endswith(".csv") else "json"
-        data = datasets.load_dataset(builder, data_files=source, split="train")
-        root = os.path.dirname(os.path.abspath(source))
-        if "image" in data.column_names:  # image paths are relative to the file
-            data = data.map(lambda row: {"image": os.path.join(root, row["image"])})
-            data = data.cast_column("image", datasets.Image())
-        return data
-    else:
-        loaded = datasets.load_dataset(source)
-    if split not in loaded:
-        raise ValueError(f"{source} has splits {list(loaded)}, not {split!r}.")
-    return loaded[split]
 
 
 def split_for_eval(

@@ -1,6 +1,6 @@
 """`merge_and_export`: a trained model as a plain transformers `LlavaForConditionalGeneration`.
 
-The LoRA is merged into a full-precision copy of the LLM (never into NF4 / int8 weights, which
+The adapter is merged into a full-precision copy of the LLM (never into NF4 / int8 weights, which
 cannot hold the sum exactly), an `<image>` token is added to the tokenizer, and encoder +
 projector + merged LLM are written under transformers' Llava weight names beside a
 `LlavaProcessor`. transformers then loads the folder by itself, with no vlm_adapters code, and
@@ -8,7 +8,8 @@ computes the same logits.
 
 Only what Llava itself can express is exported: a CLIP or SigLIP vision model (`hidden_states` of
 `vision_feature_layer`, CLS dropped for CLIP), no token pooling, an `mlp2x_gelu` projector without
-the input LayerNorm (`projector_norm=False`) and a LoRA adapter (or none). Anything else raises a
+the input LayerNorm (`projector_norm=False`) and an adapter PEFT merges into weights (LoRA, DoRA,
+AdaLoRA, IA3: tested; not prefix tuning) or none. Anything else raises a
 `ValueError` that says what to change.
 """
 
@@ -55,7 +56,7 @@ def check_exportable(model: VisionLanguageCore) -> tuple[str, int]:
             f"{f' ({model_type})' if model_type else ''}. Attach a CLIP or SigLIP vision checkpoint to export, "
             "or keep using vlm_adapters' save_pretrained / load for other encoders."
         )
-    if config.adapter == "prefix":
+    if model.num_prefix_tokens:
         raise ValueError(
             "merge_and_export cannot merge a prefix-tuning adapter: its virtual tokens are extra key/values, "
             "not weights a plain LLM has. Train with adapter='lora' (or 'none') to export."
@@ -99,10 +100,10 @@ def check_exportable(model: VisionLanguageCore) -> tuple[str, int]:
 
 
 def full_precision_llm(model: VisionLanguageCore) -> PreTrainedModel:
-    """The LLM with the LoRA merged into float32 weights, on the CPU.
+    """The LLM with the adapter merged into float32 weights, on the CPU.
 
     A base named by path / Hub id is reloaded in float32 (the in-memory one may be NF4, int8 or
-    bfloat16) and the trained LoRA weights are put on it and merged.
+    bfloat16) and the trained adapter weights are put on it and merged.
     An in-memory base is copied, which only works when it is not quantized.
     """
     config = model.config
@@ -214,13 +215,13 @@ def write_export(model: VisionLanguageCore, directory: str) -> None:
 
 
 def merge_and_export(model: VisionLanguageCore, directory: str | os.PathLike[str]) -> str:
-    """Merge the LoRA into a float32 copy of the LLM and write a transformers Llava checkpoint.
+    """Merge the adapter into a float32 copy of the LLM and write a transformers Llava checkpoint.
 
     The folder holds a `LlavaForConditionalGeneration` and a `LlavaProcessor` (with an `<image>` token
     that the processor expands to one token per patch), loadable with
     `LlavaForConditionalGeneration.from_pretrained(directory)` and `AutoProcessor.from_pretrained(directory)`.
     Needs a CLIP / SigLIP encoder, `projector="mlp2x_gelu"`, `projector_norm=False`, no pooling and a
-    LoRA (or no) adapter; otherwise raises `ValueError` saying what to change. Written atomically:
+    LoRA-family / IA3 (or no) adapter; otherwise raises `ValueError` saying what to change. Written atomically:
     `directory` is either the old folder or the complete new one. Returns its absolute path.
     """
     check_exportable(model)  # before any loading or writing

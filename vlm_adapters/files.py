@@ -1,5 +1,6 @@
-"""Atomic writes: a crash, a full disk or a kill mid-write leaves the previous file or folder as it
-was, never a half-written one that a later `load` or `resume_from_checkpoint=True` would pick.
+"""The cache folder, and atomic writes: a crash, a full disk or a kill mid-write leaves the previous
+file or folder as it was, never a half-written one that a later `load` or `resume_from_checkpoint=True`
+would pick.
 
 Used for saved adapters, Trainer checkpoints, Llava exports and the demo's converted assets.
 """
@@ -14,6 +15,12 @@ import time
 from collections.abc import Callable
 
 STALE_SECONDS = 3600  # staging entries older than this belong to a run that died
+
+
+def default_cache_dir() -> str:
+    """Where the library keeps what it computes once (encoder features, converted assets, the
+    compute-dtype decision): `$VLM_ADAPTERS_CACHE`, else `~/.cache/vlm_adapters`."""
+    return os.environ.get("VLM_ADAPTERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlm_adapters")
 
 
 def _staging_prefix(target: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 from transformers import EarlyStoppingCallback, TrainingArguments
 
 from .collator import VLMCollator
@@ -47,7 +48,7 @@ DEFAULT_ARGS: dict[str, Any] = {
 def _check_classes(data: datasets.Dataset, names: list[str]) -> None:
     feature = data.features.get("label")
     if isinstance(feature, datasets.ClassLabel):
-        present = {int(label) for label in data.with_format(None)["label"]}
+        present = {int(label) for label in data.with_format(None)["label"] if label is not None}
         empty = [name for i, name in enumerate(names) if i not in present]
         if empty:
             raise ValueError(
@@ -83,8 +84,9 @@ def _set_feature_statistics(model: VisionLanguageCore, train: datasets.Dataset) 
     # 1024 rows spread over the whole set (tens of thousands of tokens) pin down the statistics.
     picked = np.linspace(0, len(train) - 1, min(len(train), 1024)).round().astype(int)
     rows = train.select(np.unique(picked)).with_format("torch", columns=[FEATURES_COLUMN])
-    model.projector.set_feature_statistics(
-        rows[start : start + 256][FEATURES_COLUMN].to(model.device) for start in range(0, len(rows), 256)
+    model.projector.set_feature_statistics(  # rows of several images come as a list of [images, tokens, hidden]
+        torch.cat([f.reshape(-1, f.shape[-1]) for f in rows[start : start + 256][FEATURES_COLUMN]]).to(model.device)
+        for start in range(0, len(rows), 256)
     )
 
 
@@ -97,8 +99,9 @@ def _with_describe_rows(train: datasets.Dataset, ratio: float, seed: int) -> dat
 
 
 def _eval_args(args: dict[str, Any], options: FitOptions, has_labels: bool) -> list[Any]:
-    """Evaluate as often as checkpoints are saved; early stopping on eval accuracy (loss for text)."""
-    args.setdefault("eval_strategy", args["save_strategy"])
+    """Evaluate as often as checkpoints are saved (or every `eval_steps`); early stopping on eval
+    accuracy (loss for text)."""
+    args.setdefault("eval_strategy", "steps" if "eval_steps" in args else args["save_strategy"])
     if args.get("save_strategy") == "steps":
         args.setdefault("eval_steps", args.get("save_steps"))
     if not options.early_stopping_patience:
@@ -142,7 +145,8 @@ def fit(
     """Train the projector and adapter; returns the Trainer's training metrics plus final eval metrics.
 
     `options` are `FitOptions` fields (`projector_lr`, `align_epochs`, `describe_ratio`, ...) and
-    `TrainingArguments` names (`output_dir`, `num_train_epochs`, `learning_rate`, `save_steps`, ...).
+    `TrainingArguments` names (`output_dir`, `num_train_epochs`, `learning_rate`, `save_steps`, ...);
+    `save_steps` / `eval_steps` without a strategy mean "steps", as in transformers.
     """
     fit_options, training_args = split_options(options)
     train_ds = as_dataset(train, "train dataset")
@@ -152,6 +156,8 @@ def fit(
         _check_classes(train_ds, names)
         model.config.labels = names
     args = {**DEFAULT_ARGS, **training_args}
+    if "save_steps" in training_args and "save_strategy" not in training_args:
+        args["save_strategy"] = "steps"  # what save_steps means in transformers, whose default strategy is steps
     args.update(remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"])
     # On a CPU model, accelerate sets up multi-process (torchrun) training only when told use_cpu.
     args.setdefault("use_cpu", model.device.type == "cpu")
@@ -162,10 +168,12 @@ def fit(
             train_ds = _cache_features(model, train_ds, fit_options)
             eval_ds = _cache_features(model, eval_ds, fit_options)
         _set_feature_statistics(model, train_ds)
-    ratio = (0.25 if names else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
+    label_only = names and "answer" not in train_ds.column_names  # users' own captions teach describing otherwise
+    ratio = (0.25 if label_only else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
     train_ds = features_as_tensors(_with_describe_rows(train_ds, ratio, args["seed"]))
     callbacks = list(callbacks or []) + (_eval_args(args, fit_options, bool(names)) if eval_ds is not None else [])
-    if model.config.adapter == "prefix" and args.get("gradient_checkpointing"):
+    checkpointing = args.get("gradient_checkpointing") or args.get("activation_checkpointing")
+    if model.num_prefix_tokens and checkpointing:
         raise ValueError(
             "PEFT prefix tuning does not support gradient checkpointing; set gradient_checkpointing=False."
         )

@@ -43,6 +43,16 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_SUFFIXES
 
 
+def walk_files(folder: str | os.PathLike) -> list[str]:
+    """Every file under `folder` at any depth, sorted by path (as a recursive glob lists them); hidden
+    files and folders (`.DS_Store`, `.git/`, `.ipynb_checkpoints/`) are left out."""
+    found = []
+    for here, dirs, names in os.walk(folder):
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        found += [os.path.join(here, name) for name in names if not name.startswith(".")]
+    return sorted(found)
+
+
 def is_dicom(head: bytes, name: str) -> bool:
     """Part-10 DICOM files carry 'DICM' after a 128-byte preamble; older exports and raw datasets
     have none, and then only their suffix says DICOM."""

@@ -1,14 +1,18 @@
-"""Inference on a `VisionLanguageCore`, mixed into it: label scores, the top label, generated text.
+"""Inference on a `VisionLanguageCore`, mixed into it: label scores and the top label.
 
 `classify` scores every candidate label in one pass (the labels' tokens fed as a trie after the
 prompt, see `scoring.py`); `predict` feeds only the labels that can still be the top one;
-`describe` decodes greedily from the prompt's KV cache. All three run the prompt's
+generation (`describe`, `answer`) lives in `generation.py`. All of them run the prompt's
 image-independent head once per call (`reuse_prompt_cache`), not once per batch, and call the
 base model with the PEFT prefix (if any) in the cache, so they work the same for LoRA and for
-prefix tuning (whose `generate(inputs_embeds=...)` fails).
+prefix tuning.
+
+A batch of images is a list; an element that is itself a list (or tuple) is one row of several
+images (`classify([[frontal, lateral]], ...)`: one result). Encoder features of a batch are
+[B, tokens, hidden] (one image per row) or [B, images, tokens, hidden].
 
 The mixin relies on the core's `prompts`, `embed`, `image_embeddings`, `feed`, `prefix_cache`,
-`base_llm`, `vision`, `device`, `pad_token_id` and `stop_token_ids` (as transformers'
+`base_llm`, `cache_argument`, `vision`, `device`, `pad_token_id` and `stop_token_ids` (as transformers'
 `GenerationMixin` relies on its model's forward).
 """
 
@@ -25,7 +29,7 @@ from transformers import DynamicCache
 
 from .images import ImageInput
 from .prompting import IMAGE_TOKEN_ID
-from .scoring import CandidateTree, within_budget
+from .scoring import CandidateTree, labels_to_feed
 
 T = TypeVar("T")
 
@@ -97,21 +101,22 @@ class InferenceMixin:
                 input_ids=ids,
                 attention_mask=torch.ones(1, past + ids.shape[1], dtype=torch.long, device=self.device),
                 position_ids=past + torch.arange(ids.shape[1], device=self.device)[None],
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{self.cache_argument: cache},
             )
         return cache
 
     def _prompt(self, features: torch.Tensor, prompt: str, tree: CandidateTree | None = None) -> tuple[Any, ...]:
-        """One pass over image + prompt (+ the candidate tree's tokens). Returns log-probs at the
+        """One pass over images + prompt (+ the candidate tree's tokens). Returns log-probs at the
         prompt's last position (and at every fed candidate token), the KV cache and the prompt length."""
-        ids = self.prompts.encode(prompt).input_ids
+        rows, images = image_rows(features)
+        ids = self.prompts.encode(prompt, num_images=len(images) // rows).input_ids
         head = ids.index(IMAGE_TOKEN_ID)
         fed = list(tree.fed_tokens) if tree else []
-        cache = self._context(ids[:head], features.shape[0])
-        rest = torch.tensor(ids[head:] + fed, device=self.device).expand(features.shape[0], -1)
-        embeds = self.embed(rest, self.image_embeddings(image_features=features))
+        cache = self._context(ids[:head], rows)
+        rest = torch.tensor(ids[head:] + fed, device=self.device).expand(rows, -1)
+        embeds = self.embed(rest, self.image_embeddings(image_features=images))
         length = len(ids)
         visible = tree.attention(length)[head:, head:] if tree else torch.ones(len(rest[0]), len(rest[0])).tril().bool()
         positions = torch.tensor(list(range(head, length)) + (tree.positions(length) if tree else []))
@@ -121,7 +126,8 @@ class InferenceMixin:
     # ------------------------------------------------------- on encoder features
     @inference
     def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
-        """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after image + prompt."""
+        """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after images + prompt;
+        `features` [B, tokens, hidden] or [B, images, tokens, hidden]."""
         tree = CandidateTree.build([self.prompts.answer_ids(label) for label in labels])
         logprobs, _, _ = self._prompt(features, prompt, tree)
         return tree.scores(logprobs)
@@ -150,7 +156,7 @@ class InferenceMixin:
             need = scores.isneginf() & (bound > best)
             if round_ == 1:  # only the labels that share the most likely first token
                 need &= first[None, :] == first[bound.argmax(-1)][:, None]
-            picked = {b: _to_feed(need[b], bound[b], candidates, None if round_ == 1 else budget)
+            picked = {b: labels_to_feed(need[b], bound[b], candidates, None if round_ == 1 else budget)
                       for b in need.any(-1).nonzero()[:, 0].tolist()}
             picked = {b: fed for b, fed in picked.items() if fed}
             if not picked:
@@ -182,38 +188,26 @@ class InferenceMixin:
         embeds = self.base_llm.get_input_embeddings()(fed.to(self.device))
         return self.feed(embeds, cache, positions, visible, width), width
 
-    @inference
-    def generate_from_features(self, features: torch.Tensor, prompt: str, max_new_tokens: int) -> list[str]:
-        """Greedy decoding from cached encoder features (one pass over the prompt, then one token per step)."""
-        logprobs, cache, length = self._prompt(features, prompt)
-        logp = logprobs[:, -1]
-        tokens: list[torch.Tensor] = []
-        done = torch.zeros(features.shape[0], dtype=torch.bool, device=self.device)
-        stop = torch.tensor(sorted(self.stop_token_ids), device=self.device)
-        one = torch.ones(1, 1, dtype=torch.bool)
-        for step in range(max_new_tokens):
-            next_ids = logp.argmax(-1).masked_fill(done, self.pad_token_id)
-            tokens.append(next_ids)
-            done |= torch.isin(next_ids, stop)
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            embeds = self.base_llm.get_input_embeddings()(next_ids[:, None])
-            logp = self.feed(embeds, cache, torch.tensor([[length + step]]), one, 1)[:, -1]
-        out = torch.stack(tokens, 1).tolist()
-        texts = []
-        for row in out:
-            cut = next((i for i, t in enumerate(row) if t in self.stop_token_ids), len(row))
-            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        return texts
-
     # ------------------------------------------------------------------ on images
-    def _per_batch(self, images: Any, batch_size: int, run: Callable[[torch.Tensor], list[T]]) -> T | list[T]:
-        """`run` on the encoder features of each batch of images, results in order; one image -> one result."""
-        single, batch = _as_batch(images)
-        out: list[T] = []
+    def _per_batch(
+        self, images: Any, batch_size: int, run: Callable[[torch.Tensor, str], list[T]], prompt: str | Sequence[str]
+    ) -> T | list[T]:
+        """`run(features, prompt)` on each batch of rows that share a prompt and an image count (their
+        token layout), results in the rows' order; one image (not in a list) -> one result."""
+        single, rows = as_rows(images)
+        prompts = per_row(prompt, len(rows), "prompts")
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((prompts[i], len(row)), []).append(i)
+        out: list[Any] = [None] * len(rows)
         with self.reuse_prompt_cache():
-            for start in range(0, len(batch), batch_size):
-                out += run(self.vision(self.vision.preprocess(batch[start : start + batch_size])))
+            for (text, count), members in groups.items():
+                for start in range(0, len(members), batch_size):
+                    chunk = members[start : start + batch_size]
+                    pixels = self.vision.preprocess([image for i in chunk for image in rows[i]])
+                    features = self.vision(pixels).unflatten(0, (len(chunk), count))
+                    for i, result in zip(chunk, run(features, text), strict=True):
+                        out[i] = result
         return out[0] if single else out
 
     def predict(
@@ -223,12 +217,13 @@ class InferenceMixin:
         prompt: str | None = None,
         batch_size: int = 16,
     ) -> str | list[str]:
-        """The most likely label of each image: `classify`'s top label for less work (it feeds only the
-        labels that can still win, see `predict_labels`). One image -> one string."""
-        labels = _check_labels(labels)
-        prompt = prompt or self.config.classify_prompt
+        """The most likely label of each row: `classify`'s top label for less work (it feeds only the
+        labels that can still win, see `predict_labels`). One image -> one string; a list -> a list, in
+        which an element that is a list of images is one row (`predict([[frontal, lateral]], labels)`)."""
+        labels = check_labels(labels)
         return self._per_batch(
-            images, batch_size, lambda features: [labels[i] for i in self.predict_labels(features, labels, prompt)]
+            images, batch_size, lambda features, text: [labels[i] for i in self.predict_labels(features, labels, text)],
+            prompt or self.config.classify_prompt,
         )
 
     def classify(
@@ -238,42 +233,18 @@ class InferenceMixin:
         prompt: str | None = None,
         batch_size: int = 16,
     ) -> dict[str, float] | list[dict[str, float]]:
-        """Probability of each candidate label (sums to 1), most likely first. One image -> one dict."""
-        labels = _check_labels(labels)
-        prompt = prompt or self.config.classify_prompt
+        """Probability of each candidate label (sums to 1), most likely first. One image -> one dict; a
+        list -> a list, in which an element that is a list of images is one row of several images."""
+        labels = check_labels(labels)
 
-        def ranked(features: torch.Tensor) -> list[dict[str, float]]:
-            probs = self.score_labels(features, labels, prompt).softmax(-1).tolist()
+        def ranked(features: torch.Tensor, text: str) -> list[dict[str, float]]:
+            probs = self.score_labels(features, labels, text).softmax(-1).tolist()
             return [dict(sorted(zip(labels, row), key=lambda item: -item[1])) for row in probs]
 
-        return self._per_batch(images, batch_size, ranked)
-
-    def describe(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        prompt: str | None = None,
-        max_new_tokens: int = 48,
-        batch_size: int = 16,
-    ) -> str | list[str]:
-        """Generated text for each image (greedy). One image -> one string."""
-        prompt = prompt or self.config.describe_prompt
-        return self._per_batch(
-            images, batch_size, lambda features: self.generate_from_features(features, prompt, max_new_tokens)
-        )
+        return self._per_batch(images, batch_size, ranked, prompt or self.config.classify_prompt)
 
 
-def _to_feed(
-    need: torch.Tensor, bound: torch.Tensor, candidates: list[tuple[int, ...]], budget: int | None
-) -> tuple[int, ...]:
-    """The labels of one image to feed in a round: all it needs, or (with a budget) those with the best
-    first-token bounds whose tree fits it."""
-    labels = need.nonzero()[:, 0].tolist()
-    if budget is None:
-        return tuple(labels)
-    return within_budget(sorted(labels, key=lambda k: -float(bound[k])), candidates, budget)
-
-
-def _check_labels(labels: Sequence[str]) -> list[str]:
+def check_labels(labels: Sequence[str]) -> list[str]:
     labels = list(labels)
     if not labels:
         raise ValueError("at least one candidate label is needed; got an empty list.")
@@ -285,9 +256,37 @@ def _check_labels(labels: Sequence[str]) -> list[str]:
     return labels
 
 
-def _as_batch(images: Any) -> tuple[bool, list[Any]]:
-    if isinstance(images, (list, tuple)):
-        if not images:
-            raise ValueError("got an empty list of images.")
-        return False, list(images)
-    return True, [images]
+def as_rows(images: Any) -> tuple[bool, list[list[Any]]]:
+    """(one image given?, the rows): a list is a batch, and an element that is itself a list or tuple
+    is one row of several images, so `[a, b]` is two rows and `[[a, b]]` one row of two images."""
+    if not isinstance(images, (list, tuple)):
+        return True, [[images]]
+    if not images:
+        raise ValueError("got an empty list of images.")
+    rows = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+    if empty := [i for i, row in enumerate(rows) if not row]:
+        raise ValueError(f"row {empty[0]} of the batch is an empty list; a row needs at least one image.")
+    return False, rows
+
+
+def per_row(value: str | Sequence[str], rows: int, what: str) -> list[str]:
+    """One string for every row, or a list with one per row."""
+    if isinstance(value, str):
+        return [value] * rows
+    values = list(value)
+    if len(values) != rows or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"got {len(values)} {what} for {rows} rows; pass one string, or a list of one per row.")
+    return values
+
+
+def image_rows(features: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(rows, features of every image in row order [B * images, tokens, hidden]) from [B, tokens,
+    hidden] or [B, images, tokens, hidden]."""
+    if features.dim() == 4:
+        return features.shape[0], features.flatten(0, 1)
+    if features.dim() == 3:
+        return features.shape[0], features
+    raise ValueError(
+        f"image features of shape {tuple(features.shape)}; expected [rows, tokens, hidden] or "
+        "[rows, images, tokens, hidden]."
+    )

@@ -1,18 +1,17 @@
-"""The language side: a causal LLM loaded in NF4 / int8 / full precision, with a PEFT adapter."""
+"""The language side: a causal LLM loaded in NF4 / int8 / full precision (its PEFT adapter: `adapters.py`)."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import functools
-import time
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from .compute_dtype import cpu_compute_dtype
 from .config import AdapterConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,31 +40,15 @@ def native_compute_dtype(device: torch.device) -> str:
     """The faster of bfloat16 and float32 on `device`; NF4 weights are dequantized to it.
 
     CUDA: bfloat16 where supported. CPU: AVX512-BF16 alone does not make bf16 faster (some CPUs
-    with it run fp32 matmuls faster, others bf16; docs/benchmarks.md), so the two are timed on a
-    matmul of LLM shapes and bf16 is taken only when it is clearly faster. `attach` writes the
-    result into the saved config, so a reload computes the same way.
+    with it run fp32 matmuls faster, others bf16; docs/benchmarks.md), so the two are timed, once
+    per machine (`compute_dtype.py`). `attach` writes the result into the saved config, so a reload
+    computes the same way.
     """
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     if device.type != "cpu":
         return "float32"
-    return faster_dtype(_matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16))
-
-
-def faster_dtype(fp32_seconds: float, bf16_seconds: float) -> str:
-    """bfloat16 only when it is clearly (>= 1.25x) faster: fp32 is the more exact of the two."""
-    return "bfloat16" if bf16_seconds < 0.8 * fp32_seconds else "float32"
-
-
-def _matmul_seconds(dtype: torch.dtype, tokens: int = 256, width: int = 1024) -> float:
-    """Best of 3 timings of a [tokens, width] x [width, width] matmul (after one warm-up)."""
-    x, w = torch.ones(tokens, width, dtype=dtype), torch.ones(width, width, dtype=dtype)
-    times = []
-    for _ in range(4):
-        start = time.perf_counter()
-        x @ w.T
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+    return cpu_compute_dtype()
 
 
 def quantization_config(config: AdapterConfig) -> BitsAndBytesConfig | None:
@@ -207,60 +190,3 @@ def disable_cpu_4bit_repacking(model: nn.Module) -> None:
 
 def is_quantized(model: PreTrainedModel) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
-def peft_config(config: AdapterConfig) -> LoraConfig | PrefixTuningConfig | None:
-    if config.adapter == "lora":
-        return LoraConfig(
-            task_type=TaskType.CAUSAL_LM,
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules,
-        )
-    if config.adapter == "prefix":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.num_prefix_tokens)
-    return None
-
-
-def _frozen(llm: PreTrainedModel) -> PreTrainedModel:
-    if is_quantized(llm):
-        # Casts norms to fp32 and makes input embeddings require grad; checkpointing is the Trainer's choice.
-        llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
-        disable_cpu_4bit_repacking(llm)
-    return llm.requires_grad_(False)
-
-
-def add_adapter(llm: PreTrainedModel, config: AdapterConfig) -> PreTrainedModel | PeftModel:
-    """Freeze the LLM and wrap it with the configured PEFT adapter (or leave it frozen for 'none')."""
-    llm = _frozen(llm)
-    peft_cfg = peft_config(config)
-    model = llm if peft_cfg is None else get_peft_model(llm, peft_cfg)
-    return _fast_4bit(model, config)
-
-
-def _fast_4bit(model: PreTrainedModel | PeftModel, config: AdapterConfig) -> PreTrainedModel | PeftModel:
-    """The one-node LoRA forward on 4-bit layers, and the kept dequantized weights if asked for."""
-    if not is_quantized(model.get_base_model() if isinstance(model, PeftModel) else model):
-        return model
-    from .dequantized import keep_dequantized
-    from .fast_lora import fuse_lora_4bit
-
-    fuse_lora_4bit(model)
-    if config.dequantize == "once":
-        keep_dequantized(model)
-    return model
-
-
-def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) -> PreTrainedModel | PeftModel:
-    """Put saved PEFT weights (safetensors only) back on a freshly loaded base."""
-    if config.adapter == "none":
-        return add_adapter(llm, config)
-    # PEFT refuses to load prompt-learning adapters as trainable; their prompt encoder is unfrozen
-    # by hand so a loaded prefix adapter can be trained further, like a loaded LoRA.
-    prompt_learning = config.adapter == "prefix"
-    model = PeftModel.from_pretrained(_frozen(llm), directory, is_trainable=not prompt_learning, use_safetensors=True)
-    if prompt_learning:
-        for name, param in model.named_parameters():
-            param.requires_grad_("prompt_encoder" in name)
-    return _fast_4bit(model, config)

@@ -9,6 +9,7 @@ forward and inference (`inference.py`, mixed in) both use it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -16,7 +17,9 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .adapters import prefix_length, regularization
 from .config import AdapterConfig
+from .generation import TextGenerationMixin
 from .inference import InferenceMixin
 from .packing import PackedBatch
 from .projector import Projector
@@ -33,7 +36,13 @@ def context_length(llm: PreTrainedModel) -> int:
     return 2048
 
 
-class VisionLanguageCore(InferenceMixin, nn.Module):
+def cache_argument(llm: PreTrainedModel) -> str:
+    """The name forward takes the KV cache by: transformers 5.x renamed `past_key_values` to `cache`
+    (the old name still works, with a FutureWarning per process); remote-code models may keep the old one."""
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
     """The parts and the math. Trainable: `projector` and the PEFT adapter inside `llm`."""
 
     # The loss is a per-batch mean; tells the Trainer not to pass num_items_in_batch or rescale it.
@@ -53,6 +62,7 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         self.projector = projector
         self.llm = llm  # a PeftModel, or the bare LLM for adapter="none"
         self.tokenizer = tokenizer
+        self.cache_argument = cache_argument(self.base_llm)
         self.prompts = PromptBuilder(
             tokenizer,
             projector.num_image_tokens,
@@ -74,7 +84,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
 
     @property
     def num_prefix_tokens(self) -> int:
-        return self.config.num_prefix_tokens if self.config.adapter == "prefix" else 0
+        """Virtual tokens of a prefix-tuning adapter (from its PEFT config); 0 for other methods."""
+        return prefix_length(self.llm)
 
     @property
     def device(self) -> torch.device:
@@ -93,6 +104,16 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         self.projector.requires_grad_(True)
         for param in self.adapter_parameters:
             param.requires_grad_(stage == "finetune")
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, every_n_layers: int = 1,
+        offload: bool = False,
+    ) -> None:
+        """What the Trainer calls for `gradient_checkpointing=True`: the LLM's layers recompute their
+        activations in the backward. Non-reentrant by default, since the frozen base has no gradients
+        of its own for the reentrant variant to follow."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self.base_llm.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
     def image_embeddings(
         self, pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
@@ -129,7 +150,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         image_features: torch.Tensor | None = None,
         **_: Any,
     ) -> CausalLMOutputWithPast:
-        """With labels: mean loss over the answer tokens, logits only at those positions ([num_answer_tokens, V]).
+        """With labels: mean loss over the answer tokens (+ the adapter's regulariser, if its method has one),
+        log-probs only at those positions ([num_answer_tokens, V]).
 
         The batch runs packed into one row (`packing.py`): no padding, and the tokens before the image
         (system turn + prompt) once for all rows that share them, each row attending to its own."""
@@ -147,7 +169,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
         keep = batch.supervised.nonzero()[:, 0]
         logprobs = self.feed(embeds, cache, batch.positions[None], batch.visible, keep)[0]
         targets = batch.targets[keep]
-        loss = -logprobs.gather(-1, targets[:, None]).mean()
+        # plus what the PEFT method adds in its own forward (AdaLoRA's orthogonal regulariser), bypassed here
+        loss = -logprobs.gather(-1, targets[:, None]).mean() + regularization(self.llm)
         return CausalLMOutputWithPast(loss=loss, logits=logprobs)
 
     def prefix_cache(self) -> DynamicCache:
@@ -176,8 +199,8 @@ class VisionLanguageCore(InferenceMixin, nn.Module):
             inputs_embeds=embeds,
             attention_mask=mask[:, None].expand(embeds.shape[0], -1, -1, -1),
             position_ids=(self.num_prefix_tokens + positions.to(self.device)).expand(embeds.shape[0], -1),
-            past_key_values=cache,
             use_cache=cache is not None,
+            **{self.cache_argument: cache},
             logits_to_keep=keep,
         )
         return out.logits.float().log_softmax(-1)

@@ -102,3 +102,14 @@ def within_budget(order: Sequence[int], candidates: Sequence[Sequence[int]], bud
         kept.append(k)
         fed |= prefixes
     return tuple(sorted(kept))
+
+
+def labels_to_feed(
+    need: torch.Tensor, bound: torch.Tensor, candidates: list[tuple[int, ...]], budget: int | None
+) -> tuple[int, ...]:
+    """The labels of one image to feed in a round: all it needs, or (with a budget) those with the best
+    first-token bounds whose tree fits it."""
+    labels = need.nonzero()[:, 0].tolist()
+    if budget is None:
+        return tuple(labels)
+    return within_budget(sorted(labels, key=lambda k: -float(bound[k])), candidates, budget)

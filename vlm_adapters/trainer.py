@@ -2,6 +2,7 @@
 
 - checkpoints hold only the trained parts (projector + PEFT adapter, safetensors), never the
   frozen 4-bit LLM, are written atomically, and resume / best-model loading read them back;
+- the callbacks the adapter's PEFT method needs (AdaLoRA's rank budget, updated every step);
 - a separate projector learning rate and LLaVA's optional projector-only alignment stage;
 - classification accuracy / macro-F1 as eval metrics (for early stopping), from label scoring;
 - a clear stop on a NaN/inf loss, naming the step and the last good checkpoint.
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
+from .adapters import adapter_callbacks, check_reloadable
 from .evaluation import evaluate
 from .files import replace_folder
 from .hub import PEFT_WEIGHTS, PROJECTOR_FILE, write_adapter_files
@@ -28,6 +30,10 @@ from .hub import PEFT_WEIGHTS, PROJECTOR_FILE, write_adapter_files
 class VLMTrainer(Trainer):
     def __init__(self, *args: Any, projector_lr: float, eval_labels: list[str] | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        for callback in adapter_callbacks(self.model.llm):  # e.g. AdaLoRA's rank allocation after each step
+            self.add_callback(callback)
+        if self.args.load_best_model_at_end:
+            check_reloadable(self.model.llm, "load_best_model_at_end (early_stopping_patience)")
         self.projector_lr = projector_lr
         self.eval_labels = eval_labels
 
@@ -95,6 +101,7 @@ class VLMTrainer(Trainer):
             set_peft_model_state_dict(self.model.llm, load_file(peft_file))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        check_reloadable(self.model.llm, "resume_from_checkpoint")
         self._load_trained_weights(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
@@ -109,7 +116,7 @@ class VLMTrainer(Trainer):
             prefix = kwargs.get("metric_key_prefix", "eval")
             scores = evaluate(
                 self.model, dataloader.dataset, batch_size=self.args.per_device_eval_batch_size,
-                progress=not self.args.disable_tqdm,
+                progress=not self.args.disable_tqdm, answers=False,  # answer rows count in the loss only
             )
-            output.metrics.update({f"{prefix}_{k}": scores[k] for k in ("accuracy", "macro_f1")})
+            output.metrics.update({f"{prefix}_{k}": scores[k] for k in ("accuracy", "macro_f1") if k in scores})
         return output

@@ -5,6 +5,10 @@ One class covers the three kinds of encoder users bring:
   leading CLS / register tokens dropped (LLaVA uses the penultimate layer without CLS);
 - timm models: `forward_features`, prefix tokens dropped;
 - any torch module returning a feature map [B, C, H, W] (flattened to H*W tokens) or tokens [B, N, C].
+
+A full CLIP / SigLIP checkpoint (text tower included) encodes images with its vision model alone; the
+whole image-text model is kept beside it, never run by `encode_images`, for zero-shot scoring
+(`zero_shot.py`).
 """
 
 from __future__ import annotations
@@ -27,10 +31,26 @@ def _load_hf_encoder(name: str, revision: str | None, trust_remote_code: bool) -
     config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     # ViT-style models would otherwise add a randomly initialised pooler that is never used.
     extra = {"add_pooling_layer": False} if config.model_type in ("vit", "deit") else {}
-    model = AutoModel.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **extra)
-    if getattr(config, "vision_config", None) is not None:  # full CLIP / SigLIP: keep the image half
-        model = model.vision_model
-    return model
+    return AutoModel.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **extra)
+
+
+def split_image_text(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(the image encoder, the image-text model or None): a full CLIP / SigLIP-style model gives its
+    vision model and itself; another model with a vision tower gives that tower alone."""
+    if getattr(getattr(model, "config", None), "vision_config", None) is None or not hasattr(model, "vision_model"):
+        return model, None
+    contrastive = hasattr(model, "get_text_features") and hasattr(model, "logit_scale")
+    return model.vision_model, model if contrastive else None
+
+
+def _text_tokenizer(name: str, revision: str | None, trust_remote_code: bool) -> Any:
+    """The checkpoint's tokenizer (what its processor holds), or None when it ships none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
 
 
 def _default_processor(image_size: int) -> Preprocessor:
@@ -53,6 +73,10 @@ class VisionTower(nn.Module):
     ) -> None:
         super().__init__()
         self.source = source  # "name@revision" when loaded by name: identifies the weights for the feature cache
+        encoder, image_text = split_image_text(encoder)
+        # CLIP / SigLIP with its text tower (for zero-shot scoring), its vision model shared with `encoder`
+        self.image_text_model = image_text.eval().requires_grad_(False) if image_text is not None else None
+        self.text_tokenizer: Any = None  # the image-text model's tokenizer, when loaded by name
         self.encoder = encoder.eval().requires_grad_(False)
         # CNN backbones run faster on CPU in channels-last layout, with the same results.
         self.channels_last = sum(isinstance(m, nn.Conv2d) for m in encoder.modules()) > 1
@@ -82,7 +106,10 @@ class VisionTower(nn.Module):
             from transformers import AutoImageProcessor
 
             image_processor = AutoImageProcessor.from_pretrained(name, revision=revision)
-        return cls(encoder, image_processor, feature_layer, source=f"{name}@{revision}")
+        tower = cls(encoder, image_processor, feature_layer, source=f"{name}@{revision}")
+        if tower.image_text_model is not None:
+            tower.text_tokenizer = _text_tokenizer(name, revision, trust_remote_code)
+        return tower
 
     @staticmethod
     def _kind(encoder: nn.Module) -> str:
@@ -133,7 +160,7 @@ class VisionTower(nn.Module):
         if self.kind == "hf":
             out = self.encoder(pixel_values=pixel_values, output_hidden_states=True)
             tokens = out.hidden_states[self.feature_layer]
-            tokens = tokens[:, self._num_prefix_tokens(tokens.shape[1]) :]
+            tokens = tokens[:, self._num_prefix_tokens(tokens.shape[1], pixel_values.shape[-2:]) :]
         elif self.kind == "timm":
             tokens = self.encoder.forward_features(pixel_values)
             if tokens.ndim == 3:
@@ -153,12 +180,14 @@ class VisionTower(nn.Module):
             )
         return tokens.float()
 
-    def _num_prefix_tokens(self, num_tokens: int) -> int:
-        """CLS and register tokens = tokens beyond the patch grid (0 for SigLIP, 1 for ViT/CLIP, 1+R for DINOv2)."""
+    def _num_prefix_tokens(self, num_tokens: int, pixels: Sequence[int]) -> int:
+        """CLS and register tokens = tokens beyond the patch grid of these pixels (0 for SigLIP, 1 for
+        ViT/CLIP, 1+R for DINOv2). The grid comes from the pixels, not the config: DINOv2 checkpoints
+        declare image_size=518 while their processor crops 224."""
         config = self.encoder.config
-        size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
-        if isinstance(size, int) and isinstance(patch, int) and patch > 0:
-            grid = (size // patch) ** 2
+        patch = getattr(config, "patch_size", None)
+        if isinstance(patch, int) and patch > 0:
+            grid = (pixels[0] // patch) * (pixels[1] // patch)
             if num_tokens >= grid:
                 return num_tokens - grid
         return 1 + getattr(config, "num_register_tokens", 0) if num_tokens > 1 else 0

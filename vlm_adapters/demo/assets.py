@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import write_file_atomically, write_folder_atomically
+from ..files import default_cache_dir, write_file_atomically, write_folder_atomically
 
 if TYPE_CHECKING:
     import datasets
@@ -60,8 +60,7 @@ FASHION_MNIST_LABELS = [
 
 def cache_root(cache_dir: str | None = None) -> str:
     """The folder converted assets are kept in (created if needed): one place to clear or relocate."""
-    root = cache_dir or os.environ.get("VLM_ADAPTERS_CACHE") or os.path.join("~", ".cache", "vlm_adapters")
-    root = os.path.abspath(os.path.expanduser(root))
+    root = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
     os.makedirs(root, exist_ok=True)
     return root
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..attach import attach, load
+from ..builder import attach, load
 from ..features import FEATURES_COLUMN, with_image_features
 from .assets import efficientnet_lite0, fashion_mnist, smollm2_instruct
 
@@ -33,6 +33,7 @@ class DemoOptions:
     test_per_class: int = 50
     zero_shot_per_class: int = 10
     describe_images: int = 30
+    describe_max_new_tokens: int = 16
     num_train_epochs: float = 1.0
     num_image_tokens: int = 16
     learning_rate: float = 5e-4
@@ -115,7 +116,8 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
 
     names = train.features["label"].names
     images = [test[i]["image"] for i in range(min(opts.describe_images, len(test)))]
-    _describe(report, model, images, [names[test[i]["label"]] for i in range(len(images))], names)
+    truth = [names[test[i]["label"]] for i in range(len(images))]
+    _describe(report, model, images, truth, names, opts.describe_max_new_tokens)
     _save_and_reload(report, model, images[:8], names, encoder, processor, opts)
     figures["peak_rss_gb"] = round(peak_rss_gb(), 2)
     with open(os.path.join(opts.output_dir, "report.json"), "w", encoding="utf-8") as fh:
@@ -149,9 +151,11 @@ def _fine_tune(report: DemoReport, model: Any, train_f: Any, opts: DemoOptions) 
         report.figures["train_samples_per_second"] = result["train_samples_per_second"]
 
 
-def _describe(report: DemoReport, model: Any, images: list[Any], truth: list[str], names: list[str]) -> None:
+def _describe(
+    report: DemoReport, model: Any, images: list[Any], truth: list[str], names: list[str], max_new_tokens: int
+) -> None:
     with phase(report, "describe"):
-        texts = model.describe(images, max_new_tokens=16)
+        texts = model.describe(images, max_new_tokens=max_new_tokens)
         hits = [name.lower() in text.lower() for name, text in zip(truth, texts)]
         report.figures["describe_hit_rate"] = float(np.mean(hits))
         report.figures["describe_examples"] = [{"label": n, "text": t} for n, t in zip(truth[:5], texts[:5])]

@@ -10,13 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft import PeftConfig, PeftType
 from PIL import Image
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .adapters import add_adapter, check_method, load_adapter
 from .config import AdapterConfig
-from .hub import AdapterLoadError, check_signature, check_weight_files, read_projector, resolve_adapter_dir
-from .llm import add_adapter, is_quantized, load_adapter, load_llm, native_compute_dtype, resolve_device
+from .hub import (
+    AdapterLoadError,
+    check_peft_type,
+    check_signature,
+    check_weight_files,
+    read_projector,
+    resolve_adapter_dir,
+)
+from .llm import is_quantized, load_llm, native_compute_dtype, resolve_device
 from .model import VisionLanguageModel
 from .projector import Projector
 from .vision import Preprocessor, VisionTower
@@ -110,7 +119,7 @@ def attach(
     vision: str | nn.Module,
     llm: str | PreTrainedModel,
     *,
-    adapter: str = "lora",
+    adapter: str | PeftConfig = "lora",
     quantization: str | None = "nf4",
     projector: str = "mlp2x_gelu",
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -120,19 +129,26 @@ def attach(
     seed: int | None = 0,
     **options: Any,
 ) -> VisionLanguageModel:
-    """Freeze `vision`, load `llm` (NF4 by default), add a projector and a LoRA / prefix adapter.
+    """Freeze `vision`, load `llm` (NF4 by default), add a projector and a PEFT adapter.
 
-    `vision` and `llm` are Hub ids, local folders or already-loaded modules. Further options are
+    `vision` and `llm` are Hub ids, local folders or already-loaded modules. `adapter` is "lora",
+    "prefix", "none" (projector only) or a PEFT config object: `LoraConfig` (also with `use_dora` /
+    `use_rslora`), `AdaLoraConfig` (with `total_step`), `IA3Config`, `PrefixTuningConfig`, ...; a method
+    PEFT cannot run on the quantized LLM is refused with the fix (`adapters.QUANTIZED_METHODS`). Further options are
     the fields of `AdapterConfig` (e.g. `vision_feature_layer=-2`, `num_image_tokens=16`,
     `lora_r=16`, `num_prefix_tokens=16`, `compute_dtype="bfloat16"`, `system_prompt=...`,
     `projector_norm=False` for LLaVA's exact projector, which `merge_and_export` needs).
     """
     if seed is not None:
         torch.manual_seed(seed)  # the projector and adapter initialisations are then reproducible
+    given = adapter if isinstance(adapter, PeftConfig) else None
+    if given is not None and isinstance(llm, str):
+        check_method(given, quantization)  # before the LLM is loaded
     config = AdapterConfig(
         vision=vision if isinstance(vision, str) else None,
         llm=llm if isinstance(llm, str) else None,
-        adapter=adapter,
+        adapter="peft" if given is not None else adapter,
+        peft_type=None if given is None else PeftType(given.peft_type).value,
         quantization=quantization,
         projector=projector,
         **options,
@@ -146,7 +162,7 @@ def attach(
         device=device,
         trust_remote_code=trust_remote_code,
     )
-    return VisionLanguageModel(config, tower, proj, add_adapter(base, config), tokenizer)
+    return VisionLanguageModel(config, tower, proj, add_adapter(base, config, given), tokenizer)
 
 
 def load(
@@ -173,6 +189,7 @@ def load(
     if overrides:
         config = AdapterConfig.from_dict({**config.to_dict(), **overrides})
     check_weight_files(directory, config, allow_pickle)
+    check_peft_type(directory, config)
     vision_source = vision if vision is not None else config.vision
     llm_source = llm if llm is not None else config.llm
     for kind, value in (("vision", vision_source), ("llm", llm_source)):
