@@ -198,7 +198,8 @@ def memory_setup(res: dict[str, Any]) -> str:
         "**bf16**: the same call with `dtype=torch.bfloat16`. Peak = `ru_maxrss` of that process. The common "
         "import baseline is a subprocess that imports what all three loads import before reading a weight (torch, "
         "transformers, its Llama modeling); every net figure subtracts that one number. The import baselines of the "
-        "loads themselves add bitsandbytes (transformers' NF4) and PEFT with vlm_adapters (the library). Embeddings "
+        "loads themselves add bitsandbytes (transformers' NF4) and `vlm_adapters.llm` (the library, which imports "
+        "bitsandbytes only inside the load, through transformers). Embeddings "
         "and the LM head stay bf16 in every load (bitsandbytes quantizes only the linear layers of the blocks)."
     )
 

@@ -79,6 +79,7 @@ def bench_training(ctx: Context) -> dict[str, Any]:
         ctx.model(s.num_image_tokens)
         run(max_steps=1)
     out: dict[str, Any] = {"samples_per_s": {}, "steps": {}, "loss": {}, "trainer": {}, "samples": samples}
+    out["compute_dtype"] = ctx.model(s.num_image_tokens).config.compute_dtype  # `attach` resolved "auto"
     order = list(RUNS)
     for r in range(ctx.repeats):
         for which in order[r % len(order):] + order[: r % len(order)]:  # rotate the order over the repeats
@@ -146,10 +147,10 @@ def training_verdict(res: dict[str, Any]) -> str:
     return (
         f"Target: library >= 2.5x the reference without checkpointing; the median is {head:.2f}x, "
         f"{'met' if head >= 2.5 else 'missed'}. Every run trains on the same sequences (the reference encodes "
-        "them with the model's own prompt layout, whose length does not depend on where the image sits), and the "
+        "them with the model's own `prompts` builder), and the "
         "train losses agree with the library's within "
         + ", ".join(f"{gaps[w]:.1e} ({RUNS[w]})" for w in RUNS if w != "library")
         + (": they compute the same training." if max(gaps.values()) < 1e-2 else
-           ": packed and padded batches run other matmul shapes, which round differently in bfloat16, and the "
-           "steps carry that rounding along.")
+           f": packed and padded batches run other matmul shapes, which round differently in {res['compute_dtype']} "
+           "(the compute dtype `attach` resolved on this machine), and the steps carry that rounding along.")
     )
