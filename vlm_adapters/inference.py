@@ -111,12 +111,18 @@ class InferenceMixin:
         """One pass over images + prompt (+ the candidate tree's tokens). Returns log-probs at the
         prompt's last position (and at every fed candidate token), the KV cache and the prompt length."""
         rows, images = image_rows(features)
-        ids = self.prompts.encode(prompt, num_images=len(images) // rows).input_ids
+        return self._prompt_embeds(self.image_embeddings(image_features=images), rows, prompt, tree)
+
+    def _prompt_embeds(
+        self, image_embeds: torch.Tensor, rows: int, prompt: str, tree: CandidateTree | None = None
+    ) -> tuple[Any, ...]:
+        """`_prompt` from projected image embeddings [rows * images, k, d] (what `explain` occludes)."""
+        ids = self.prompts.encode(prompt, num_images=len(image_embeds) // rows).input_ids
         head = ids.index(IMAGE_TOKEN_ID)
         fed = list(tree.fed_tokens) if tree else []
         cache = self._context(ids[:head], rows)
         rest = torch.tensor(ids[head:] + fed, device=self.device).expand(rows, -1)
-        embeds = self.embed(rest, self.image_embeddings(image_features=images))
+        embeds = self.embed(rest, image_embeds)
         length = len(ids)
         visible = tree.attention(length)[head:, head:] if tree else torch.ones(len(rest[0]), len(rest[0])).tril().bool()
         positions = torch.tensor(list(range(head, length)) + (tree.positions(length) if tree else []))
@@ -128,8 +134,16 @@ class InferenceMixin:
     def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
         """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after images + prompt;
         `features` [B, tokens, hidden] or [B, images, tokens, hidden]."""
+        rows, images = image_rows(features)
+        return self.label_log_likelihoods(self.image_embeddings(image_features=images), labels, prompt, rows)
+
+    def label_log_likelihoods(
+        self, image_embeds: torch.Tensor, labels: Sequence[str], prompt: str, rows: int | None = None
+    ) -> torch.Tensor:
+        """`score_labels` from projected image embeddings [rows * images, k, d] (default: one image per
+        row), outside `inference`'s no-grad: what `explain` occludes. The caller sets eval mode."""
         tree = CandidateTree.build([self.prompts.answer_ids(label) for label in labels])
-        logprobs, _, _ = self._prompt(features, prompt, tree)
+        logprobs, _, _ = self._prompt_embeds(image_embeds, rows or len(image_embeds), prompt, tree)
         return tree.scores(logprobs)
 
     @inference
