@@ -148,17 +148,13 @@ class InferenceMixin:
 
     @inference
     def predict_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
-        """Index [B] of the most likely label, equal to `score_labels(...).argmax(-1)` with far fewer
-        tokens fed. A label's log-likelihood is at most its first token's log-prob, so after one pass
-        over the prompt only the labels under the best first token are fed (round 1); labels whose
-        first-token bound still beats the best full score are fed in round 2. A trained model is sure
-        of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie.
-        An unsure one (untrained, or many long labels) would feed most of the trie in round 2, more
-        than generating an answer costs, so round 2 feeds at most as many tokens per image as the image
-        has: the labels still in doubt with the best first-token bounds, as many as fit. The answer is
-        then the best of the labels scored, exact whenever the labels in doubt fit."""
+        """Index [B] of the most likely label, equal to `score_labels(...).argmax(-1)` with far fewer tokens fed.
+        A label's log-likelihood is at most its first token's log-prob, so after one pass over the prompt only the
+        labels under the best first token are fed (round 1); labels whose first-token bound still beats the best
+        full score are fed in round 2. A trained model is sure of its first token, so round 2 rarely runs; for an
+        unsure one it would feed most of the trie, more than generating costs, so it feeds at most the image's
+        token count per image (`labels_to_feed`): exact whenever the labels in doubt fit."""
         candidates = [self.prompts.answer_ids(label) for label in labels]
-        budget = self.prompts.num_image_tokens
         first = torch.tensor([c[0] for c in candidates], device=self.device)
         logprobs, cache, length = self._prompt(features, prompt)
         last = logprobs[:, -1]  # [B, V] at the prompt's last position
@@ -170,9 +166,7 @@ class InferenceMixin:
             need = scores.isneginf() & (bound > best)
             if round_ == 1:  # only the labels that share the most likely first token
                 need &= first[None, :] == first[bound.argmax(-1)][:, None]
-            picked = {b: labels_to_feed(need[b], bound[b], candidates, None if round_ == 1 else budget)
-                      for b in need.any(-1).nonzero()[:, 0].tolist()}
-            picked = {b: fed for b, fed in picked.items() if fed}
+            picked = labels_to_feed(need, bound, candidates, None if round_ == 1 else self.prompts.num_image_tokens)
             if not picked:
                 break
             rows = torch.tensor(list(picked), device=self.device)

@@ -106,10 +106,14 @@ def within_budget(order: Sequence[int], candidates: Sequence[Sequence[int]], bud
 
 def labels_to_feed(
     need: torch.Tensor, bound: torch.Tensor, candidates: list[tuple[int, ...]], budget: int | None
-) -> tuple[int, ...]:
-    """The labels of one image to feed in a round: all it needs, or (with a budget) those with the best
-    first-token bounds whose tree fits it."""
-    labels = need.nonzero()[:, 0].tolist()
-    if budget is None:
-        return tuple(labels)
-    return within_budget(sorted(labels, key=lambda k: -float(bound[k])), candidates, budget)
+) -> dict[int, tuple[int, ...]]:
+    """Image -> the labels to feed it in a round of `predict_labels` (images with none left out): all
+    it needs [B, K], or (with a budget) those with the best first-token bounds whose tree fits it."""
+    picked = {}
+    for b in need.any(-1).nonzero()[:, 0].tolist():
+        labels = need[b].nonzero()[:, 0].tolist()
+        if budget is not None:
+            labels = within_budget(sorted(labels, key=lambda k: -float(bound[b, k])), candidates, budget)
+        if labels:
+            picked[b] = tuple(labels)
+    return picked
