@@ -21,15 +21,12 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .cli_evaluate import DATA_HELP, LABEL_MAP_HELP, EvaluateOptions, cmd_evaluate, with_label_map
+from .cli_explain import ExplainOptions, cmd_explain
 from .cli_predict import PredictOptions, cmd_predict
 from .config import AttachOptions, FitOptions
 
-DATA_HELP = (
-    "image folder (class sub-folders, optionally inside train/ test/ val/), CSV/JSONL file, save_to_disk dir or Hub id"
-)
-LABEL_MAP_HELP = "JSON file {label in the data: label to train or score}, e.g. {\"PNEUMONIA\": \"pneumonia\"}"
 EVAL_SPLITS = ("validation", "test")  # what an evaluation during training takes from a split source
-TEST_SPLITS = ("test", "validation")  # what `evaluate` takes
 
 
 @dataclass
@@ -52,25 +49,6 @@ class TrainOptions:
     label_map: str | None = field(default=None, metadata={"help": LABEL_MAP_HELP})
     push_to_hub_id: str | None = field(default=None, metadata={"help": "Hub repo id to push the adapter to"})
     with_app: bool = field(default=False, metadata={"help": "also write app.py + requirements.txt (a Gradio Space)"})
-
-
-@dataclass
-class EvaluateOptions:
-    """Evaluate a saved adapter on a dataset; writes metrics.json and confusion, ROC, reliability and coverage PNGs."""
-
-    adapter: str = field(metadata={"help": "adapter folder or Hub repo id"})
-    data: str = field(metadata={"help": DATA_HELP})
-    split: str | None = field(default=None, metadata={"help": "split to evaluate; default: test, else validation, "
-                                                      "else the only one (a flat folder)"})
-    label_map: str | None = field(default=None, metadata={"help": LABEL_MAP_HELP})
-    batch_size: int = 16
-    output_dir: str = "runs/evaluate"
-    at_specificity: float | None = field(
-        default=None, metadata={"help": "report the sensitivity reached at this specificity, e.g. 0.95"}
-    )
-    positive_label: str | None = field(
-        default=None, metadata={"help": "the label whose sensitivity --at_specificity reports (default: 2nd of 2)"}
-    )
 
 
 @dataclass
@@ -148,32 +126,6 @@ def cmd_train(
         print(model.push_to_hub(opts.push_to_hub_id, with_app=opts.with_app))
 
 
-def with_label_map(data: Any, label_map: str | None) -> Any:
-    from .sources import read_label_map, rename_labels
-
-    return rename_labels(data, read_label_map(label_map)) if label_map else data
-
-
-def load_data_for(source: str, split: str | None, prefer: Sequence[str], label_map: str | None) -> Any:
-    from .sources import load_data
-
-    return with_label_map(load_data(source, split, prefer), label_map)
-
-
-def cmd_evaluate(opts: EvaluateOptions) -> None:
-    from .builder import load
-
-    data = load_data_for(opts.data, opts.split, TEST_SPLITS, opts.label_map)
-    metrics = load(opts.adapter).evaluate(
-        data, output_dir=opts.output_dir, batch_size=opts.batch_size, at_specificity=opts.at_specificity,
-        positive_label=opts.positive_label,
-    )
-    os.makedirs(opts.output_dir, exist_ok=True)
-    with open(os.path.join(opts.output_dir, "metrics.json"), "w", encoding="utf-8") as fh:
-        json.dump(metrics, fh, indent=2)
-    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, float)}, indent=2))
-
-
 def cmd_serve(opts: ServeOptions) -> None:
     from .app import serve  # gradio loads only for this command
     from .builder import load
@@ -220,6 +172,12 @@ def _demo() -> tuple[tuple[type, ...], Callable[..., Any]]:
     return (DemoOptions,), run_demo
 
 
+def _demo_mosaic() -> tuple[tuple[type, ...], Callable[..., Any]]:
+    from .demo.mosaic import MosaicOptions, run_mosaic_demo
+
+    return (MosaicOptions,), run_mosaic_demo
+
+
 Command = Callable[[], tuple[tuple[type, ...], Callable[..., Any]]]
 COMMANDS: dict[str, tuple[str, Command]] = {
     "demo": ("fine-tune + classify + describe on the shipped real weights and data", _demo),
@@ -229,10 +187,14 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     ),
     "evaluate": (EvaluateOptions.__doc__ or "", lambda: ((EvaluateOptions,), cmd_evaluate)),
     "predict": (PredictOptions.__doc__ or "", lambda: ((PredictOptions,), cmd_predict)),
+    "explain": (ExplainOptions.__doc__ or "", lambda: ((ExplainOptions,), cmd_explain)),
     "serve": (ServeOptions.__doc__ or "", lambda: ((ServeOptions,), cmd_serve)),
     "export": (ExportOptions.__doc__ or "", lambda: ((ExportOptions,), cmd_export)),
     "push": (PushOptions.__doc__ or "", lambda: ((PushOptions,), cmd_push)),
     "convert-gguf": (ConvertOptions.__doc__ or "", lambda: ((ConvertOptions,), cmd_convert)),
+}
+SUBCOMMANDS: dict[tuple[str, str], tuple[str, Command]] = {  # `vlm-adapters demo mosaic`: a second word
+    ("demo", "mosaic"): ("caption + answer questions about Fashion-MNIST mosaics, against baselines", _demo_mosaic),
 }
 
 
@@ -268,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="vlm-adapters",
         description="Vision adapters for 4-bit LLMs. Run `vlm-adapters COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(f"  {name:<13} {' '.join(doc.split())}" for name, (doc, _) in COMMANDS.items()),
+        epilog="\n".join(f"  {name:<13} {' '.join(doc.split())}" for name, (doc, _) in [
+            *COMMANDS.items(), *((" ".join(words), entry) for words, entry in SUBCOMMANDS.items())]),
     )
     top.add_argument("command", choices=list(COMMANDS))
     if not argv or argv[0] in ("-h", "--help"):
@@ -276,10 +239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = top.parse_args(argv[:1]).command
     description, resolve = COMMANDS[command]
+    rest = argv[1:]
+    if rest and (command, rest[0]) in SUBCOMMANDS:
+        description, resolve = SUBCOMMANDS[(command, rest[0])]
+        command, rest = f"{command} {rest[0]}", rest[1:]
     classes, run = resolve()
     parser = HfArgumentParser(classes, prog=f"vlm-adapters {command}", description=description)
     fix_flags(parser, classes)
-    rest = argv[1:]
     config = None
     if len(rest) == 1 and rest[0].endswith((".yaml", ".yml", ".json")):
         with open(rest[0], encoding="utf-8") as fh:

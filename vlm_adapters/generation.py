@@ -19,7 +19,8 @@ import torch
 from transformers import GenerationConfig
 
 from .images import ImageInput
-from .inference import image_rows, inference
+from .inference import inference
+from .inputs import image_rows
 from .prompting import IMAGE_TOKEN_ID
 
 DEFAULT_MAX_NEW_TOKENS = 48

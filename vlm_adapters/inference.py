@@ -28,8 +28,9 @@ import torch
 from transformers import DynamicCache
 
 from .images import ImageInput
+from .inputs import as_rows, check_labels, image_rows, per_row
 from .prompting import IMAGE_TOKEN_ID
-from .scoring import CandidateTree
+from .scoring import CandidateTree, labels_to_feed
 
 T = TypeVar("T")
 
@@ -65,9 +66,18 @@ class InferenceMixin:
             return
         self._head_caches = {}
         try:
-            yield
+            with self._dequantized_for_call():
+                yield
         finally:
             self._head_caches = None
+
+    def _dequantized_for_call(self) -> contextlib.AbstractContextManager[None]:
+        """Compute-dtype copies of the 4-bit weights for one inference call (`dequantize="per_call"`)."""
+        if self.config.dequantize != "per_call" or self.config.quantization != "nf4":
+            return contextlib.nullcontext()
+        from .dequantized import dequantized_during
+
+        return dequantized_during(self.base_llm)
 
     def _context(self, head_ids: Sequence[int], batch: int) -> DynamicCache:
         """KV cache of what precedes the image, repeated over the batch: the PEFT prefix (if any) and
@@ -102,12 +112,18 @@ class InferenceMixin:
         """One pass over images + prompt (+ the candidate tree's tokens). Returns log-probs at the
         prompt's last position (and at every fed candidate token), the KV cache and the prompt length."""
         rows, images = image_rows(features)
-        ids = self.prompts.encode(prompt, num_images=len(images) // rows).input_ids
+        return self._prompt_embeds(self.image_embeddings(image_features=images), rows, prompt, tree)
+
+    def _prompt_embeds(
+        self, image_embeds: torch.Tensor, rows: int, prompt: str, tree: CandidateTree | None = None
+    ) -> tuple[Any, ...]:
+        """`_prompt` from projected image embeddings [rows * images, k, d] (what `explain` occludes)."""
+        ids = self.prompts.encode(prompt, num_images=len(image_embeds) // rows).input_ids
         head = ids.index(IMAGE_TOKEN_ID)
         fed = list(tree.fed_tokens) if tree else []
         cache = self._context(ids[:head], rows)
         rest = torch.tensor(ids[head:] + fed, device=self.device).expand(rows, -1)
-        embeds = self.embed(rest, self.image_embeddings(image_features=images))
+        embeds = self.embed(rest, image_embeds)
         length = len(ids)
         visible = tree.attention(length)[head:, head:] if tree else torch.ones(len(rest[0]), len(rest[0])).tril().bool()
         positions = torch.tensor(list(range(head, length)) + (tree.positions(length) if tree else []))
@@ -119,22 +135,30 @@ class InferenceMixin:
     def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
         """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after images + prompt;
         `features` [B, tokens, hidden] or [B, images, tokens, hidden]."""
+        rows, images = image_rows(features)
+        return self.label_log_likelihoods(self.image_embeddings(image_features=images), labels, prompt, rows)
+
+    def label_log_likelihoods(
+        self, image_embeds: torch.Tensor, labels: Sequence[str], prompt: str, rows: int | None = None
+    ) -> torch.Tensor:
+        """`score_labels` from projected image embeddings [rows * images, k, d] (default: one image per
+        row), outside `inference`'s no-grad: what `explain` occludes. The caller sets eval mode."""
         tree = CandidateTree.build([self.prompts.answer_ids(label) for label in labels])
-        logprobs, _, _ = self._prompt(features, prompt, tree)
+        logprobs, _, _ = self._prompt_embeds(image_embeds, rows or len(image_embeds), prompt, tree)
         return tree.scores(logprobs)
 
     def label_probabilities(self, scores: torch.Tensor) -> torch.Tensor:
-        """Label probabilities from `score_labels`' log-likelihoods: softmax(scores / temperature), the
-        temperature that `calibrate` fit (1 until then)."""
+        """softmax(`score_labels`' log-likelihoods / the temperature `calibrate` fit, 1 until then)."""
         return (scores / self.config.temperature).softmax(-1)
 
     @inference
     def predict_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
-        """Index [B] of the most likely label, equal to `score_labels(...).argmax(-1)` with far fewer
-        tokens fed. A label's log-likelihood is at most its first token's log-prob, so after one pass
-        over the prompt only the labels under the best first token are fed (round 1); labels whose
-        first-token bound still beats the best full score are fed in round 2. A trained model is sure
-        of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie."""
+        """Index [B] of the most likely label, equal to `score_labels(...).argmax(-1)` with far fewer tokens fed.
+        A label's log-likelihood is at most its first token's log-prob, so after one pass over the prompt only the
+        labels under the best first token are fed (round 1); labels whose first-token bound still beats the best
+        full score are fed in round 2. A trained model is sure of its first token, so round 2 rarely runs; for an
+        unsure one it would feed most of the trie, more than generating costs, so it feeds at most the image's
+        token count per image (`labels_to_feed`): exact whenever the labels in doubt fit."""
         candidates = [self.prompts.answer_ids(label) for label in labels]
         first = torch.tensor([c[0] for c in candidates], device=self.device)
         logprobs, cache, length = self._prompt(features, prompt)
@@ -147,17 +171,17 @@ class InferenceMixin:
             need = scores.isneginf() & (bound > best)
             if round_ == 1:  # only the labels that share the most likely first token
                 need &= first[None, :] == first[bound.argmax(-1)][:, None]
-            rows = need.any(-1).nonzero()[:, 0]
-            if len(rows) == 0:
+            picked = labels_to_feed(need, bound, candidates, None if round_ == 1 else self.prompts.num_image_tokens)
+            if not picked:
                 break
+            rows = torch.tensor(list(picked), device=self.device)
             if len(rows) < len(in_cache):
                 cache.batch_select_indices(torch.searchsorted(in_cache, rows))
                 in_cache = rows
-            picked = [tuple(need[b].nonzero()[:, 0].tolist()) for b in rows]
-            built = {k: CandidateTree.build([candidates[i] for i in k]) for k in set(picked)}  # shared by images
-            trees = [built[k] for k in picked]
+            built = {k: CandidateTree.build([candidates[i] for i in k]) for k in set(picked.values())}  # shared
+            trees = [built[k] for k in picked.values()]
             out, width = self._feed_trees(trees, cache, length)
-            for i, (b, labels_fed, tree) in enumerate(zip(rows.tolist(), picked, trees, strict=True)):
+            for i, (b, labels_fed, tree) in enumerate(zip(picked, picked.values(), trees, strict=True)):
                 scores[b, list(labels_fed)] = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
             cache.crop(-width)
         return scores.argmax(-1)
@@ -210,25 +234,14 @@ class InferenceMixin:
         """The most likely label of each row: `classify`'s top label for less work (it feeds only the
         labels that can still win, see `predict_labels`). One image -> one string; a list -> a list, in
         which an element that is a list of images is one row (`predict([[frontal, lateral]], labels)`).
-
-        `abstain_below=p` answers None for a row whose top (calibrated) probability is below `p`: "not
-        sure, look at it yourself". That needs every label's probability, so it scores all labels as
-        `classify` does; `evaluate` reports coverage and accuracy per threshold to choose `p` by."""
+        `abstain_below=p`: None where the top (calibrated) probability is below p (scores every label)."""
         labels = check_labels(labels)
-        prompt = prompt or self.config.classify_prompt
-        if abstain_below is None:
-            return self._per_batch(
-                images, batch_size,
-                lambda features, text: [labels[i] for i in self.predict_labels(features, labels, text)], prompt,
-            )
-        if not 0.0 <= abstain_below <= 1.0:
-            raise ValueError(f"abstain_below={abstain_below!r}; expected a probability in [0, 1].")
-
-        def top_or_none(features: torch.Tensor, text: str) -> list[str | None]:
-            top = self.label_probabilities(self.score_labels(features, labels, text)).max(-1)
-            return [labels[i] if p >= abstain_below else None for p, i in zip(*map(torch.Tensor.tolist, top))]
-
-        return self._per_batch(images, batch_size, top_or_none, prompt)
+        if abstain_below is not None:
+            return top_or_none(self.classify(images, labels, prompt, batch_size), abstain_below)
+        return self._per_batch(
+            images, batch_size, lambda features, text: [labels[i] for i in self.predict_labels(features, labels, text)],
+            prompt or self.config.classify_prompt,
+        )
 
     def classify(
         self,
@@ -237,9 +250,8 @@ class InferenceMixin:
         prompt: str | None = None,
         batch_size: int = 16,
     ) -> dict[str, float] | list[dict[str, float]]:
-        """Probability of each candidate label (sums to 1, calibrated once `calibrate` has set a
-        temperature), most likely first. One image -> one dict; a list -> a list, in which an element
-        that is a list of images is one row of several images."""
+        """Probability of each candidate label (sums to 1; calibrated once `calibrate` set a temperature), most
+        likely first. One image -> one dict; a list -> a list, an element that is a list of images one row."""
         labels = check_labels(labels)
 
         def ranked(features: torch.Tensor, text: str) -> list[dict[str, float]]:
@@ -249,49 +261,9 @@ class InferenceMixin:
         return self._per_batch(images, batch_size, ranked, prompt or self.config.classify_prompt)
 
 
-def check_labels(labels: Sequence[str]) -> list[str]:
-    labels = list(labels)
-    if not labels:
-        raise ValueError("at least one candidate label is needed; got an empty list.")
-    if not all(isinstance(label, str) and label for label in labels):
-        raise ValueError(f"candidate labels must be non-empty strings; got {labels!r}.")
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise ValueError(f"candidate labels must be unique; {duplicates} appear more than once.")
-    return labels
-
-
-def as_rows(images: Any) -> tuple[bool, list[list[Any]]]:
-    """(one image given?, the rows): a list is a batch, and an element that is itself a list or tuple
-    is one row of several images, so `[a, b]` is two rows and `[[a, b]]` one row of two images."""
-    if not isinstance(images, (list, tuple)):
-        return True, [[images]]
-    if not images:
-        raise ValueError("got an empty list of images.")
-    rows = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
-    if empty := [i for i, row in enumerate(rows) if not row]:
-        raise ValueError(f"row {empty[0]} of the batch is an empty list; a row needs at least one image.")
-    return False, rows
-
-
-def per_row(value: str | Sequence[str], rows: int, what: str) -> list[str]:
-    """One string for every row, or a list with one per row."""
-    if isinstance(value, str):
-        return [value] * rows
-    values = list(value)
-    if len(values) != rows or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"got {len(values)} {what} for {rows} rows; pass one string, or a list of one per row.")
-    return values
-
-
-def image_rows(features: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """(rows, features of every image in row order [B * images, tokens, hidden]) from [B, tokens,
-    hidden] or [B, images, tokens, hidden]."""
-    if features.dim() == 4:
-        return features.shape[0], features.flatten(0, 1)
-    if features.dim() == 3:
-        return features.shape[0], features
-    raise ValueError(
-        f"image features of shape {tuple(features.shape)}; expected [rows, tokens, hidden] or "
-        "[rows, images, tokens, hidden]."
-    )
+def top_or_none(ranked: dict[str, float] | list[dict[str, float]], abstain_below: float) -> Any:
+    """The top label of each of `classify`'s ranked dicts, None where its probability is below `abstain_below`."""
+    if not 0.0 <= abstain_below <= 1.0:
+        raise ValueError(f"abstain_below={abstain_below!r}; expected a probability in [0, 1].")
+    pick = lambda probs: next(iter(probs)) if max(probs.values()) >= abstain_below else None  # noqa: E731
+    return pick(ranked) if isinstance(ranked, dict) else [pick(probs) for probs in ranked]

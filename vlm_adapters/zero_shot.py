@@ -17,7 +17,7 @@ import torch
 
 from .data import as_dataset, label_names, label_text
 from .images import ImageInput
-from .inference import as_rows, check_labels
+from .inputs import as_rows, check_labels
 from .modeling import VisionLanguageCore
 
 TEMPLATE = "This is a photo of {}."
