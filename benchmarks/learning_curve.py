@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vlm_adapters import attach  # noqa: E402
-from vlm_adapters.assets import efficientnet_lite0, fashion_mnist, smollm2_instruct  # noqa: E402
-from vlm_adapters.data import FEATURES_COLUMN, with_image_features  # noqa: E402
+from vlm_adapters.demo.assets import efficientnet_lite0, fashion_mnist, smollm2_instruct  # noqa: E402
+from vlm_adapters.features import FEATURES_COLUMN, with_image_features  # noqa: E402
 
 SYSTEM_PROMPT = "You classify images."  # as the demo attaches the model
 START, END = "<!-- learning-curve:start -->", "<!-- learning-curve:end -->"
@@ -95,6 +95,7 @@ def run_one(
         result = model.fit(train, output_dir=out, save_strategy="no", seed=seed, **json.loads(args.fit))
         record["fit_s"] = time.perf_counter() - start
     record["train_loss"] = result.get("train_loss")
+    record["gate"] = result.get("label_prior_gate")
     start = time.perf_counter()
     record["vlm"] = model.evaluate(test, progress=False)["accuracy"]
     record["eval_s"] = time.perf_counter() - start

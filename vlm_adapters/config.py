@@ -205,3 +205,7 @@ class FitOptions:
     feature_batch_size: int = _option(32, "batch size of the encoder when filling the feature cache")
     skip_bad_images: bool = _option(False, "drop unreadable images (counted and reported) instead of stopping")
     early_stopping_patience: int | None = _option(None, "stop after this many evaluations without improvement")
+    label_prior: bool = _option(
+        True, "label data: fit a linear probe on the cached pooled features and score labels as probe log-prob + "
+        "gate * centred LLM log-likelihood, the gate (>= 0) fit after training on held-out rows (label_prior.py)"
+    )

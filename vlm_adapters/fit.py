@@ -22,6 +22,7 @@ from .config import FitOptions
 from .data import as_dataset, label_names
 from .evaluation import evaluate
 from .features import FEATURES_COLUMN, features_as_tensors, with_image_features
+from .label_prior import fit_label_prior
 from .metrics import plot_training_curves
 from .modeling import VisionLanguageCore
 from .trainer import VLMTrainer
@@ -184,6 +185,9 @@ def fit(
         train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         callbacks=callbacks, projector_lr=fit_options.projector_lr, eval_labels=names,
     )
+    if names and fit_options.label_prior and fit_options.cache_features:
+        model.label_prior = fit_label_prior(model, train_ds, eval_ds, names, args["seed"])
+        result["label_prior_gate"] = float(model.label_prior.gate)
     return _finish(model, result, trainer, args["output_dir"], train_ds, eval_ds)
 
 

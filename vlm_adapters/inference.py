@@ -116,12 +116,24 @@ class InferenceMixin:
 
     # ------------------------------------------------------- on encoder features
     @inference
-    def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
+    def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str, prior: bool = True
+                     ) -> torch.Tensor:
         """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after images + prompt;
-        `features` [B, tokens, hidden] or [B, images, tokens, hidden]."""
+        `features` [B, tokens, hidden] or [B, images, tokens, hidden]. With a label prior that knows the
+        labels (and `prior`), its probe log-probs + gate * the centred log-likelihoods (`label_prior.py`)."""
+        gated = self._label_prior(labels) if prior else None
+        if gated is not None and not gated.gated:  # the gate is closed: the probe alone decides
+            return gated.log_probs(features, labels)
         tree = CandidateTree.build([self.prompts.answer_ids(label) for label in labels])
         logprobs, _, _ = self._prompt(features, prompt, tree)
-        return tree.scores(logprobs)
+        if gated is None:
+            return tree.scores(logprobs)
+        offset, scale = gated.offset_and_scale(features, labels)
+        return offset + scale * tree.scores(logprobs)
+
+    def _label_prior(self, labels: Sequence[str]) -> Any:
+        prior = getattr(self, "label_prior", None)
+        return prior if prior is not None and prior.covers(labels) else None
 
     @inference
     def predict_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
@@ -130,11 +142,16 @@ class InferenceMixin:
         over the prompt only the labels under the best first token are fed (round 1); labels whose
         first-token bound still beats the best full score are fed in round 2. A trained model is sure
         of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie."""
+        prior = self._label_prior(labels)
+        if prior is not None and not prior.gated:
+            return prior.log_probs(features, labels).argmax(-1)
+        # With a prior, a score is offset + scale * log-likelihood (scale > 0), so the bound still holds.
+        offset, scale = prior.offset_and_scale(features, labels) if prior is not None else (0.0, 1.0)
         candidates = [self.prompts.answer_ids(label) for label in labels]
         first = torch.tensor([c[0] for c in candidates], device=self.device)
         logprobs, cache, length = self._prompt(features, prompt)
         last = logprobs[:, -1]  # [B, V] at the prompt's last position
-        bound = last[:, first]  # [B, K]
+        bound = offset + scale * last[:, first]  # [B, K]
         scores = torch.full_like(bound, -torch.inf)
         in_cache = torch.arange(len(bound), device=self.device)  # the images whose rows the cache holds
         for round_ in (1, 2):
@@ -153,7 +170,8 @@ class InferenceMixin:
             trees = [built[k] for k in picked]
             out, width = self._feed_trees(trees, cache, length)
             for i, (b, labels_fed, tree) in enumerate(zip(rows.tolist(), picked, trees, strict=True)):
-                scores[b, list(labels_fed)] = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
+                llm = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
+                scores[b, list(labels_fed)] = (offset[b, list(labels_fed)] if prior is not None else 0.0) + scale * llm
             cache.crop(-width)
         return scores.argmax(-1)
 

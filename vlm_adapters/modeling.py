@@ -76,6 +76,7 @@ class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
         self.stop_token_ids = {i for i in (tokenizer.eos_token_id, *self.prompts.answer_ids("")) if i is not None}
         # What the PEFT adapter trains, whichever method it is (LoRA, prefix, ...): set_stage toggles these.
         self.adapter_parameters = [p for p in llm.parameters() if p.requires_grad]
+        self.label_prior: nn.Module | None = None  # the probe + gate `fit` adds on label data (label_prior.py)
 
     @property
     def base_llm(self) -> PreTrainedModel:
