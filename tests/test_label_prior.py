@@ -108,3 +108,15 @@ def test_fit_adds_the_prior_and_it_is_saved_and_loaded(tmp_path, llm_dir, vit_di
     off = attach(vit_dir, llm_dir)
     off.fit(train, output_dir=str(tmp_path / "off"), max_steps=1, save_strategy="no", label_prior=False)
     assert off.label_prior is None
+
+
+def test_gate_rows_are_kept_out_of_the_llm_training_stratified(colours):
+    from vlm_adapters.label_prior import hold_out_gate_rows
+
+    train = colours[0].add_column("row", list(range(len(colours[0]))))
+    rest, gate = hold_out_gate_rows(train, LABELS, 0.25, seed=0)
+    assert len(gate) == 18 and len(rest) == len(train) - 18
+    assert np.bincount(np.asarray(train["label"])[gate]).tolist() == [6, 6, 6]
+    assert rest["row"] == np.setdiff1d(np.arange(len(train)), gate).tolist()  # every other row, in order
+    assert hold_out_gate_rows(train, LABELS, 0.0, seed=0)[1] is None
+    assert hold_out_gate_rows(train.select(range(0, 72, 12)), LABELS, 0.5, seed=0)[1] is None  # 2 per class

@@ -22,7 +22,7 @@ from .config import FitOptions
 from .data import as_dataset, label_names
 from .evaluation import evaluate
 from .features import FEATURES_COLUMN, features_as_tensors, with_image_features
-from .label_prior import fit_label_prior
+from .label_prior import fit_label_prior, hold_out_gate_rows
 from .metrics import plot_training_curves
 from .modeling import VisionLanguageCore
 from .trainer import VLMTrainer
@@ -169,6 +169,10 @@ def fit(
             train_ds = _cache_features(model, train_ds, fit_options)
             eval_ds = _cache_features(model, eval_ds, fit_options)
         _set_feature_statistics(model, train_ds)
+    prior_data, gate_rows = None, None  # the label prior's probe sees every row, the LLM all but gate_rows
+    if names and fit_options.label_prior and fit_options.cache_features:
+        share = 0.0 if eval_ds is not None else fit_options.gate_holdout
+        prior_data, (train_ds, gate_rows) = train_ds, hold_out_gate_rows(train_ds, names, share, args["seed"])
     label_only = names and "answer" not in train_ds.column_names  # users' own captions teach describing otherwise
     ratio = (0.25 if label_only else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
     train_ds = features_as_tensors(_with_describe_rows(train_ds, ratio, args["seed"]))
@@ -185,8 +189,8 @@ def fit(
         train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
         callbacks=callbacks, projector_lr=fit_options.projector_lr, eval_labels=names,
     )
-    if names and fit_options.label_prior and fit_options.cache_features:
-        model.label_prior = fit_label_prior(model, train_ds, eval_ds, names, args["seed"])
+    if prior_data is not None:
+        model.label_prior = fit_label_prior(model, prior_data, eval_ds, gate_rows, names, args["seed"])
         result["label_prior_gate"] = float(model.label_prior.gate)
     return _finish(model, result, trainer, args["output_dir"], train_ds, eval_ds)
 

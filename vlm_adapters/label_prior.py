@@ -225,20 +225,40 @@ def llm_label_scores(model: VisionLanguageCore, data: datasets.Dataset, rows: np
     return np.concatenate(out)
 
 
+def hold_out_gate_rows(data: datasets.Dataset, names: Sequence[str], share: float, seed: int,
+                       most: int = 500) -> tuple[datasets.Dataset, np.ndarray | None]:
+    """(the rows the LLM trains on, the label rows kept out to fit the gate): a stratified `share` of the
+    label rows, at most `most`. The gate must be fit where the LLM has not seen the images, or a fine-tuned
+    LLM, sure of its own training rows, gets a gate far too open. None (no rows kept) when `share` is 0
+    or a class has fewer than two rows."""
+    from sklearn.model_selection import train_test_split
+
+    rows, targets = label_rows(data, names)
+    counts = np.bincount(targets)
+    size = min(most, max(int((counts > 0).sum()), round(share * len(rows))))
+    if share <= 0 or counts[counts > 0].min() < 2 or size * 2 > len(rows):
+        return data, None
+    _, gate = train_test_split(rows, test_size=size, stratify=targets, random_state=seed)
+    gate = np.sort(gate)
+    return data.select(np.setdiff1d(np.arange(len(data)), gate)), gate
+
+
 def fit_label_prior(model: VisionLanguageCore, train: datasets.Dataset, eval_data: datasets.Dataset | None,
-                    names: Sequence[str], seed: int, max_gate_rows: int = 500) -> LabelPrior:
-    """The probe on the training rows' cached features, and the gate on the eval split's label rows if it
-    has some, else on the training rows with their out-of-fold probe log-probs (at most `max_gate_rows`
-    rows, a seeded draw: each costs one scoring pass of the LLM)."""
+                    gate_rows: np.ndarray | None, names: Sequence[str], seed: int, most: int = 500) -> LabelPrior:
+    """The probe on every label row of `train` (cached features); the gate on `gate_rows` of `train` (kept
+    out of the LLM's training) with their out-of-fold probe log-probs, else on the eval split's label
+    rows, else on at most `most` training rows (a seeded draw; each costs one scoring pass of the LLM)."""
     rows, targets = label_rows(train, names)
     prior, held_out = LabelPrior.fit(pooled_features(train, rows), targets, names, seed)
     prior.to(model.device)
-    gate_data, gate_rows, gate_targets = train, rows, targets
-    if eval_data is not None and len(label_rows(eval_data, names)[0]):
-        gate_data, (gate_rows, gate_targets) = eval_data, label_rows(eval_data, names)
-        probe = prior.log_probs(torch.from_numpy(pooled_features(eval_data, gate_rows))[:, None], names)
+    gate_data, picked = train, np.searchsorted(rows, gate_rows) if gate_rows is not None else None
+    gate_targets = targets
+    if picked is None and eval_data is not None and len(label_rows(eval_data, names)[0]):
+        gate_data, (rows, gate_targets) = eval_data, label_rows(eval_data, names)
+        probe = prior.log_probs(torch.from_numpy(pooled_features(eval_data, rows))[:, None], names)
         held_out = probe.double().cpu().numpy()
-    pick = np.sort(np.random.default_rng(seed).permutation(len(gate_rows))[:max_gate_rows])
-    scores = llm_label_scores(model, gate_data, gate_rows[pick], names)
-    prior.fit_gate(held_out[pick], scores.astype(np.float64), gate_targets[pick])
+    if picked is None:
+        picked = np.sort(np.random.default_rng(seed).permutation(len(rows))[:most])
+    scores = llm_label_scores(model, gate_data, rows[picked], names)
+    prior.fit_gate(held_out[picked], scores.astype(np.float64), gate_targets[picked])
     return prior
