@@ -119,4 +119,5 @@ def test_gate_rows_are_kept_out_of_the_llm_training_stratified(colours):
     assert np.bincount(np.asarray(train["label"])[gate]).tolist() == [6, 6, 6]
     assert rest["row"] == np.setdiff1d(np.arange(len(train)), gate).tolist()  # every other row, in order
     assert hold_out_gate_rows(train, LABELS, 0.0, seed=0)[1] is None
-    assert hold_out_gate_rows(train.select(range(0, 72, 12)), LABELS, 0.5, seed=0)[1] is None  # 2 per class
+    assert hold_out_gate_rows(train.select(range(0, 72, 12)), LABELS, 0.5, seed=0)[1].tolist() == [0, 3, 5]
+    assert hold_out_gate_rows(train.select(range(0, 72, 24)), LABELS, 0.5, seed=0)[1] is None  # 1 per class
