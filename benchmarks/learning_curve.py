@@ -112,6 +112,8 @@ def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for size in sorted({r["size"] for r in records}):
         runs = [r for r in records if r["size"] == size]
         row = {"size": size, "runs": len(runs), "fit_s": float(np.mean([r["fit_s"] for r in runs]))}
+        gates = [r["gate"] for r in runs if r.get("gate") is not None]
+        row["gate"] = f"{np.mean(gates):.2f} ({min(gates):.2f}-{max(gates):.2f})" if gates else "-"
         for key in ("vlm", "probe", "zero_shot"):
             values = [r[key] for r in records if key in r and (r["size"] == size or key == "zero_shot")]
             row[key] = mean_se(values) if values else None
@@ -124,14 +126,15 @@ def table(rows: list[dict[str, Any]]) -> str:
         return "-" if value is None else f"{100 * value[0]:.1f} +- {100 * value[1]:.1f}"
 
     lines = [
-        "| train images per class | VLM | linear probe | VLM - probe | untrained VLM | fine-tune s (1 thread) |",
-        "|---|---|---|---|---|---|",
+        "| train images per class | seeds | VLM | linear probe | VLM - probe | untrained VLM | gate, mean (range) "
+        "| fit wall s (1 thread) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         diff = 100 * (r["vlm"][0] - r["probe"][0])
         lines.append(
-            f"| {r['size']} | {cell(r['vlm'])} | {cell(r['probe'])} | {diff:+.1f} | {cell(r['zero_shot'])} "
-            f"| {r['fit_s']:.0f} |"
+            f"| {r['size']} | {r['runs']} | {cell(r['vlm'])} | {cell(r['probe'])} | {diff:+.1f} "
+            f"| {cell(r['zero_shot'])} | {r['gate']} | {r['fit_s']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -146,6 +149,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     sizes = [r["size"] for r in rows]
     curves = (("vlm", "VLM (attach + fit defaults)"), ("probe", "linear probe"), ("zero_shot", "untrained VLM"))
     for key, name in curves:
+        if any(r[key] is None for r in rows):
+            continue
         ax.errorbar(sizes, [100 * r[key][0] for r in rows], yerr=[100 * r[key][1] for r in rows], marker="o",
                     capsize=3, label=name)
     ax.set_xscale("log")
@@ -162,6 +167,7 @@ def write_section(args: argparse.Namespace, rows: list[dict[str, Any]], test_siz
     png = os.path.splitext(args.output)[0] + "_learning_curve.png"
     plot(rows, png)
     command = "python benchmarks/learning_curve.py " + " ".join(sys.argv[1:])
+    took = f" ({total_s / 60:.0f} min)" if total_s == total_s else " (the runs of that file)"
     section = "\n".join([
         START,
         "## Learning curve",
@@ -169,7 +175,7 @@ def write_section(args: argparse.Namespace, rows: list[dict[str, Any]], test_siz
         f"`attach(...)` as the demo does, then `fit(train)` with default options, on `fashion_mnist('train', "
         f"per_class=n, seed=s)` for seeds {args.seeds}; the same {test_size} t10k test images for every run. Mean "
         "+- one standard error over the seeds; the probe is the demo's (standardised mean-pooled features, "
-        f"logistic regression). Compute dtype: {args.compute_dtype}. Command: `{command}` ({total_s / 60:.0f} min).",
+        f"logistic regression). Compute dtype: {args.compute_dtype}. Command: `{command}`{took}.",
         "",
         table(rows),
         "",
@@ -196,7 +202,14 @@ def main() -> None:
     parser.add_argument("--fit", default="{}", help="JSON fit options (experiments only)")
     parser.add_argument("--attach", default="{}", help="JSON attach options (experiments only)")
     parser.add_argument("--no_zero_shot", action="store_true")
+    parser.add_argument("--report", default=None, help="only rebuild the section from the runs of this --json file")
     args = parser.parse_args()
+    if args.report:
+        with open(args.report, encoding="utf-8") as fh:
+            records = [json.loads(line) for line in fh if line.strip()]
+        rows, args.seeds = summary(records), sorted({r["seed"] for r in records})
+        print(table(rows))
+        return write_section(args, rows, 10 * args.test_per_class, float("nan"))  # Fashion-MNIST: 10 classes
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     begin = time.perf_counter()
     plan = [(n, s) for n in args.sizes for s in args.seeds]
