@@ -105,6 +105,11 @@ def test_fit_adds_the_prior_and_it_is_saved_and_loaded(tmp_path, llm_dir, vit_di
         torch.testing.assert_close(again.label_prior.state_dict()[name], tensor)
     for a, b in zip(before, again.classify(images, LABELS), strict=True):
         assert a.keys() == b.keys() and np.allclose(list(a.values()), list(b.values()), atol=1e-4)
+    with_eval = attach(vit_dir, llm_dir)  # an eval split: the gate is fit on its rows, all of them
+    with_eval.fit(train, test, output_dir=str(tmp_path / "eval"), max_steps=1, save_strategy="no")
+    features = with_eval.vision.encode_images([test[i]["image"] for i in range(len(test))])
+    llm = with_eval.score_labels(features, LABELS, with_eval.config.classify_prompt, prior=False)
+    torch.testing.assert_close(with_eval.label_prior.center, llm.mean(0), rtol=1e-4, atol=1e-3)
     off = attach(vit_dir, llm_dir)
     off.fit(train, output_dir=str(tmp_path / "off"), max_steps=1, save_strategy="no", label_prior=False)
     assert off.label_prior is None
