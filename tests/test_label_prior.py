@@ -62,19 +62,25 @@ def test_open_gate_adds_the_centred_llm_scores_and_predict_agrees(llm_dir, vit_d
     assert model.predict_labels(features, unknown, PROMPT).tolist() == expected.tolist()
 
 
-def test_gate_stays_closed_for_a_useless_llm_and_opens_for_a_useful_one(data):
+def test_gate_opens_only_where_the_llm_adds_significant_likelihood(data):
     _, targets = data
     rng = np.random.default_rng(0)
     probe = np.log(np.full((len(targets), 3), 1 / 3) + 0.3 * np.eye(3)[targets])  # right, unsure
     prior = LabelPrior(torch.zeros(3, 4), torch.zeros(3), LABELS)
     offsets = np.array([5.0, -3.0, 0.0])  # a label's length moves its log-likelihood, whatever the image
-    prior.fit_gate(np.log(np.full((len(targets), 3), 1 / 3)) * 0 + probe, rng.normal(size=(len(targets), 3)) * 4
-                   + offsets, targets)
-    assert float(prior.gate) < 0.05
+    prior.fit_gate(probe, rng.normal(size=(len(targets), 3)) * 4 + offsets, targets)
+    assert float(prior.gate) == 0.0  # noise
     useful = 2.0 * np.eye(3)[targets] + offsets + rng.normal(size=(len(targets), 3)) * 0.3
     prior.fit_gate(probe, useful, targets)
     assert float(prior.gate) > 0.5
     np.testing.assert_allclose(prior.center.numpy(), useful.mean(0), rtol=1e-5)
+    # a weak signal on a few rows does not pass the likelihood-ratio test; the same rows 40 times over do
+    few = [0, 1, 8, 9, 16, 17]
+    weak = 0.4 * np.eye(3)[targets[few]] + rng.normal(size=(6, 3))
+    prior.fit_gate(probe[few], weak, targets[few])
+    assert float(prior.gate) == 0.0
+    prior.fit_gate(np.tile(probe[few], (40, 1)), np.tile(weak, (40, 1)), np.tile(targets[few], 40))
+    assert float(prior.gate) > 0.1
 
 
 def test_held_out_log_probs_are_calibrated_and_less_sure_than_in_sample(data):

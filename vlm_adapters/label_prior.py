@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .modeling import VisionLanguageCore
 
 PRIOR_FILE = "label_prior.safetensors"
+CHI2_1DOF_95 = 3.841  # the 95% quantile of chi-square with one degree of freedom
 
 
 class LabelPrior(nn.Module):
@@ -86,7 +87,10 @@ class LabelPrior(nn.Module):
 
     def fit_gate(self, probe_log_probs: np.ndarray, llm_scores: np.ndarray, targets: np.ndarray) -> None:
         """Centre each label's LLM scores on these rows' mean, then pick the gate in [0, 4] that maximises
-        the log-likelihood of the true labels under probe + gate * centred LLM (a 1-D convex problem)."""
+        the log-likelihood of the true labels under probe + gate * centred LLM (a 1-D convex problem).
+        The gate opens only if the LLM's gain passes a likelihood-ratio test (chi-square, one degree of
+        freedom, 5%): from a few held-out rows the optimum is noisy, and a gate opened on noise costs
+        accuracy where the probe is better than the LLM."""
         from scipy.optimize import minimize_scalar
         from scipy.special import log_softmax
 
@@ -97,7 +101,7 @@ class LabelPrior(nn.Module):
             return -log_softmax(probe_log_probs + gate * centred, axis=1)[truth].mean()
 
         best = minimize_scalar(nll, bounds=(0.0, 4.0), method="bounded").x
-        gate = 0.0 if nll(0.0) <= nll(best) else float(best)  # the bounded search never returns the bound itself
+        gate = float(best) if 2 * len(targets) * (nll(0.0) - nll(best)) > CHI2_1DOF_95 else 0.0
         self.center.copy_(torch.from_numpy(center))
         self.gate.fill_(gate)
 
