@@ -22,7 +22,7 @@ from .config import FitOptions
 from .data import as_dataset, label_names
 from .evaluation import evaluate
 from .features import FEATURES_COLUMN, features_as_tensors, with_image_features
-from .label_prior import fit_label_prior, hold_out_gate_rows
+from .label_prior import can_fit_prior, fit_label_prior, hold_out_gate_rows
 from .metrics import plot_training_curves
 from .modeling import VisionLanguageCore
 from .trainer import VLMTrainer
@@ -170,7 +170,7 @@ def fit(
             eval_ds = _cache_features(model, eval_ds, fit_options)
         _set_feature_statistics(model, train_ds)
     prior_data, gate_rows = None, None  # the label prior's probe sees every row, the LLM all but gate_rows
-    if names and fit_options.label_prior and fit_options.cache_features:
+    if names and fit_options.label_prior and fit_options.cache_features and can_fit_prior(train_ds, names):
         share = 0.0 if eval_ds is not None else fit_options.gate_holdout
         prior_data, (train_ds, gate_rows) = train_ds, hold_out_gate_rows(train_ds, names, share, args["seed"])
     label_only = names and "answer" not in train_ds.column_names  # users' own captions teach describing otherwise

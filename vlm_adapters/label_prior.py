@@ -134,14 +134,19 @@ def out_of_fold_logits(pooled: np.ndarray, targets: np.ndarray, num_labels: int,
                        ) -> np.ndarray:
     """[N, K] each row's probe logits from a probe that did not see it: on its own training rows a probe
     is right and sure, which says nothing about new images."""
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     counts = np.bincount(targets, minlength=num_labels)
-    splits = StratifiedKFold(min(folds, max(2, int(counts[counts > 0].min()))), shuffle=True, random_state=seed)
-    out = np.zeros((len(targets), num_labels))
+    smallest = int(counts[counts > 0].min())
+    if smallest >= 2:
+        splits = StratifiedKFold(min(folds, smallest), shuffle=True, random_state=seed)
+    else:  # a class with one row cannot be stratified
+        splits = KFold(min(folds, len(targets)), shuffle=True, random_state=seed)
+    out = np.zeros((len(targets), num_labels))  # uniform where a fold's rows leave a single class
     for train, held in splits.split(pooled, targets):
-        weight, bias = _fold(_probe(seed).fit(pooled[train], targets[train]), num_labels)
-        out[held] = pooled[held] @ weight.T + bias
+        if len(set(targets[train].tolist())) > 1:
+            weight, bias = _fold(_probe(seed).fit(pooled[train], targets[train]), num_labels)
+            out[held] = pooled[held] @ weight.T + bias
     return out
 
 
@@ -227,6 +232,12 @@ def llm_label_scores(model: VisionLanguageCore, data: datasets.Dataset, rows: np
                 scores = model.score_labels(group.to(model.device), names, model.config.classify_prompt, prior=False)
                 out.append(scores.float().cpu().numpy())
     return np.concatenate(out)
+
+
+def can_fit_prior(data: datasets.Dataset, names: Sequence[str]) -> bool:
+    """A probe needs label rows of at least two classes and out-of-fold predictions at least two rows."""
+    targets = label_rows(data, names)[1]
+    return len(targets) >= 2 and len(set(targets.tolist())) >= 2
 
 
 def hold_out_gate_rows(data: datasets.Dataset, names: Sequence[str], share: float, seed: int,
