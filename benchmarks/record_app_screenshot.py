@@ -1,6 +1,6 @@
 """Take docs/app.png: the web app on the demo's adapter (run `vlm-adapters demo` first), driven by a
 headless Chromium as the browser test drives it: three Fashion-MNIST test images uploaded,
-classified, the second one selected, described and asked about.
+classified, the second one selected, explained (heatmap), described and asked about.
 
     .venv/bin/python benchmarks/record_app_screenshot.py [--adapter runs/demo/adapter] [--output docs/app.png]
 """
@@ -56,6 +56,8 @@ def main() -> None:
             page.click("#classify")
             expect(page.locator("#prediction textarea")).not_to_have_value("", timeout=300_000)
             page.locator("#gallery button:has(img)").nth(1).click()
+            page.click("#explain")
+            expect(page.locator("#explained textarea")).not_to_have_value("", timeout=300_000)
             page.click("#describe")
             expect(page.locator("#description textarea")).not_to_have_value("", timeout=300_000)
             page.fill("#question textarea", args.question)

@@ -94,7 +94,7 @@ def save_llm(path: str, family: str = "llama", chat_template: str | None = CHATM
     return path
 
 
-def save_vision(path: str, family: str = "vit", hidden_size: int = 32) -> str:
+def save_vision(path: str, family: str = "vit", hidden_size: int = 32, image_size: int = 32) -> str:
     from transformers import (
         CLIPVisionConfig,
         CLIPVisionModel,
@@ -110,22 +110,22 @@ def save_vision(path: str, family: str = "vit", hidden_size: int = 32) -> str:
     )
 
     torch.manual_seed(0)
-    common = dict(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    common = dict(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  image_size=image_size, patch_size=8)
     if family == "vit":
-        model = ViTModel(ViTConfig(image_size=32, patch_size=8, **common), add_pooling_layer=False)
+        model = ViTModel(ViTConfig(**common), add_pooling_layer=False)
     elif family == "clip":
-        model = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **common))
+        model = CLIPVisionModel(CLIPVisionConfig(**common))
     elif family == "siglip":
-        model = SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, **common))
+        model = SiglipVisionModel(SiglipVisionConfig(**common))
     elif family == "dinov2":
-        model = Dinov2Model(Dinov2Config(image_size=32, patch_size=8, **common))
+        model = Dinov2Model(Dinov2Config(**common))
     elif family == "dinov2_registers":  # CLS + 2 registers before the patch tokens, all to be dropped
-        config = Dinov2WithRegistersConfig(image_size=32, patch_size=8, num_register_tokens=2, **common)
-        model = Dinov2WithRegistersModel(config)
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=2, **common))
     else:
         raise ValueError(family)
     model.save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(path)
     return path
 
 
@@ -194,6 +194,28 @@ def colour_dataset(n_per_class: int, seed: int = 0):
         {"image": [r[0] for r in rows], "label": [r[1] for r in rows]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)}),
     )
+
+
+def object_image(name: str, rng: np.random.Generator, size: int = 64, side: int = 16):
+    """A `side`-pixel square of colour `name` at a random place on grey noise, and its box
+    (left, top, right, bottom): a task whose evidence sits at a known place (the pointing game)."""
+    array = rng.integers(90, 140, size=(size, size, 3)).astype(np.uint8)
+    left, top = (int(v) for v in rng.integers(0, size - side + 1, 2))
+    array[top : top + side, left : left + side] = np.clip(np.array(COLOURS[name]) + rng.integers(-20, 20, 3), 0, 255)
+    return Image.fromarray(array), (left, top, left + side, top + side)
+
+
+def object_dataset(n_per_class: int, seed: int = 0, size: int = 64, side: int = 16):
+    """`object_image`s of every colour as a dataset (label = the colour), and their boxes in row order."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    rows = [(*object_image(name, rng, size, side), i) for i, name in enumerate(names) for _ in range(n_per_class)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    columns = {"image": [r[0] for r in rows], "label": [r[2] for r in rows]}
+    dataset = datasets.Dataset.from_dict(columns, features=features)
+    return dataset, [r[1] for r in rows]
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,11 @@ Chromium (Debian's `chromium`, installed by setup.sh) through Playwright, and by
 What each test proves:
 - test_a_person_uses_the_app_in_a_browser: an upload (PNG + DICOM) shows in the gallery; Classify
   shows the prediction, the probability bars and a row per image, with the numbers the library computes
-  for the same file; clicking the second image selects it; a threshold of 1 gives "not sure"; Describe
-  and Ask show the text the library generates; a non-image and an oversized upload are refused with a
+  for the same file; clicking the second image selects it; Explain shows the library's heatmap overlay
+  of that image (pixel for pixel, and not the bare image) with its label; a threshold of 1 gives "not
+  sure"; Describe and Ask show the text the library generates; a non-image and an oversized upload are refused with a
   message naming the file.
-- test_gradio_client_calls_the_same_endpoints: /classify, /describe and /ask answer over the API with
+- test_gradio_client_calls_the_same_endpoints: /classify, /explain, /describe and /ask answer over the API with
   the library's numbers and text; edited labels are the ones scored; bad input is an error with its reason.
 - test_saved_folder_runs_as_a_space: save_pretrained(with_app=True) writes app.py, requirements.txt and
   a card a Space reads; `python app.py` in that folder serves the adapter from the folder itself.
@@ -17,6 +18,7 @@ What each test proves:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -25,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -36,6 +39,7 @@ import torch
 import yaml
 from conftest import colour_image
 from gradio_client import Client, handle_file
+from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from vlm_adapters import attach, load
@@ -99,8 +103,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "notes.txt").write_text("not an image")
     (root / "broken.png").write_bytes((root / "red.png").read_bytes()[:200])
     noise = rng.integers(0, 256, (900, 900, 3), dtype=np.uint8)
-    from PIL import Image
-
     Image.fromarray(noise).save(root / "huge.png")  # ~2.4 MB of noise: over the 1 MB limit the server is given
     return {path.name: path for path in root.iterdir()}
 
@@ -141,6 +143,18 @@ def upload(page, *paths: Path) -> None:
     page.locator("#files input[type=file]").set_input_files([str(p) for p in paths])
 
 
+def assert_heatmap_shown(shown: Image.Image, reference, path: Path, labels: list[str]) -> str:
+    """`shown` is the library's overlay of `path` (not the bare image); returns the caption the app
+    must show with it."""
+    explanation = reference.explain(str(path), labels=labels)
+    expected = np.asarray(explanation.overlay(), dtype=int)
+    shown = np.asarray(shown.convert("RGB"), dtype=int)
+    assert shown.shape == expected.shape
+    assert np.abs(shown - expected).max() <= 1
+    assert np.abs(shown - np.asarray(explanation.image, dtype=int)).max() > 30  # the heat is drawn
+    return f"{path.name}: why {explanation.label} ({explanation.score:.1%}); red = regions that raised its score most"
+
+
 def test_a_person_uses_the_app_in_a_browser(server, page, files, reference, tmp_path):
     url, log = server
     assert "Running on local URL:  http://127.0.0.1:" in log.read_text()  # localhost only, as told
@@ -162,6 +176,14 @@ def test_a_person_uses_the_app_in_a_browser(server, page, files, reference, tmp_
     page.locator("#gallery button:has(img)").nth(1).click()  # select the DICOM image
     top, p = next(iter(expected[1].items()))
     expect(page.locator("#prediction textarea")).to_have_value(f"CT_small.dcm: {top} ({p:.1%})")
+
+    page.click("#explain")  # the heatmap of the selected (DICOM) image
+    caption = page.locator("#explained textarea")
+    expect(caption).to_have_value(re.compile(r"^CT_small\.dcm: why "))
+    src = urllib.parse.urljoin(url, page.locator("#heatmap img").get_attribute("src"))
+    with urllib.request.urlopen(src, timeout=30) as response:
+        shown = Image.open(io.BytesIO(response.read()))
+    expect(caption).to_have_value(assert_heatmap_shown(shown, reference, files["CT_small.dcm"], LABELS))
 
     page.locator("#threshold input[type=number]").fill("1")
     page.locator("#threshold input[type=number]").press("Enter")
@@ -187,12 +209,14 @@ def test_a_person_uses_the_app_in_a_browser(server, page, files, reference, tmp_
 def test_gradio_client_calls_the_same_endpoints(server, files, reference):
     client = Client(server[0], verbose=False)
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
-        "/classify", "/describe", "/ask"}
+        "/classify", "/explain", "/describe", "/ask"}
     red = handle_file(str(files["red.png"]))
     bars, prediction, table, = client.predict([red], "red, blue", 0.0, api_name="/classify")
     expected = reference.classify(str(files["red.png"]), ["red", "blue"])
     assert {c["label"]: c["confidence"] for c in bars["confidences"]} == pytest.approx(expected, abs=1e-6)
     assert prediction.startswith("red.png: ") and table["data"][0][0] == "red.png"
+    overlay, caption = client.predict([red], "red, blue", 0, api_name="/explain")
+    assert caption == assert_heatmap_shown(Image.open(overlay), reference, files["red.png"], ["red", "blue"])
     assert client.predict([red], api_name="/describe") == reference.describe(str(files["red.png"]))
     question = "What is in the picture?"
     assert client.predict([red], question, api_name="/ask") == reference.describe(str(files["red.png"]),

@@ -2,7 +2,8 @@
 
 Upload one or several images (any format `load_image` reads, DICOM included), edit the candidate
 labels, and see each label's probability, the prediction (or "not sure" below a threshold), a
-description and the answer to a free question. The same app runs as a Hugging Face Space from an
+heatmap of the image regions behind the top label (`model.explain`), a description and the answer
+to a free question. The same app runs as a Hugging Face Space from an
 adapter folder saved with `save_pretrained(..., with_app=True)`. Imported only by `serve` and that
 Space file, so the library never loads Gradio otherwise.
 """
@@ -84,7 +85,7 @@ class AppModel:
         """The uploads as the model sees them (DICOM windowed, 16-bit stretched), the first one
         selected, and the results of earlier uploads cleared."""
         images = read_uploads(paths, self.max_upload_mb) if paths else []
-        return [(image, name) for name, image in images], 0, [], None, "", None, "", ""
+        return [(image, name) for name, image in images], 0, [], None, "", None, "", "", None, ""
 
     def classify(
         self, paths: list[str] | None, labels_text: str, abstain_below: float, selected: int
@@ -98,6 +99,15 @@ class AppModel:
         ]
         index = _index(selected, images)
         return ranked[index], f"{images[index][0]}: {table[index][1]}", table, ranked
+
+    def explain(self, paths: list[str] | None, labels_text: str, selected: int) -> tuple[Image.Image, str]:
+        """The selected image with the heatmap of its top label over it, and a caption naming both."""
+        images = read_uploads(paths, self.max_upload_mb)
+        name, image = images[_index(selected, images)]
+        explanation = self.model.explain(image, labels=parse_labels(labels_text))
+        return explanation.overlay(), (
+            f"{name}: why {explanation.label} ({explanation.score:.1%}); red = regions that raised its score most"
+        )
 
     def describe(self, paths: list[str] | None, selected: int) -> str:
         images = read_uploads(paths, self.max_upload_mb)
@@ -142,6 +152,7 @@ def build_app(
                 threshold = gr.Slider(0.0, 1.0, 0.0, step=0.01, elem_id="threshold",
                                       label='Say "not sure" when the top probability is below (0: never)')
                 classify_button = gr.Button("Classify", variant="primary", elem_id="classify")
+                explain_button = gr.Button("Explain (heatmap of the top label)", elem_id="explain")
                 describe_button = gr.Button("Describe", elem_id="describe")
                 question = gr.Textbox(label="Ask a question about the selected image", elem_id="question")
                 ask_button = gr.Button("Ask", elem_id="ask")
@@ -150,20 +161,22 @@ def build_app(
                                      height=240, object_fit="contain", allow_preview=False, elem_id="gallery")
                 prediction = gr.Textbox(label="Prediction (selected image)", interactive=False, elem_id="prediction")
                 probabilities = gr.Label(label="Label probabilities (selected image)", elem_id="probabilities")
-                # The explanation heatmap overlay (issue #16, item 1) goes here, beside the probabilities:
-                # a gr.Image of the selected image with the map over it, filled by the model's explanation
-                # method once the library has one. Until then the app shows no heatmap.
+                heatmap = gr.Image(label="Heatmap (selected image)", type="pil", format="png", interactive=False,
+                                   elem_id="heatmap")  # PNG: the overlay's pixels reach the browser unchanged
+                explained = gr.Textbox(label="Explained", interactive=False, elem_id="explained")
                 table = gr.Dataframe(headers=["image", "prediction", "top probability"], label="All images",
                                      interactive=False, elem_id="table")
                 description = gr.Textbox(
                     label="Description (selected image)", interactive=False, elem_id="description"
                 )
                 answer = gr.Textbox(label="Answer (selected image)", interactive=False, elem_id="answer")
-        results = [ranked, probabilities, prediction, table, description, answer]
+        results = [ranked, probabilities, prediction, table, description, answer, heatmap, explained]
         files.change(app.preview, files, [gallery, selected, *results], api_name=False)
         gallery.select(show_selected, [ranked, files, threshold], [selected, probabilities, prediction], api_name=False)
         classify_button.click(app.classify, [files, labels_box, threshold, selected],
                               [probabilities, prediction, table, ranked], api_name="classify", **model_event)
+        explain_button.click(app.explain, [files, labels_box, selected], [heatmap, explained], api_name="explain",
+                             **model_event)
         describe_button.click(app.describe, [files, selected], description, api_name="describe", **model_event)
         ask_button.click(app.ask, [files, question, selected], answer, api_name="ask", **model_event)
         question.submit(app.ask, [files, question, selected], answer, api_name=False, **model_event)

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .cli_explain import ExplainOptions, cmd_explain
 from .cli_predict import PredictOptions, cmd_predict
 from .config import AttachOptions, FitOptions
 
@@ -219,6 +220,7 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     ),
     "evaluate": (EvaluateOptions.__doc__ or "", lambda: ((EvaluateOptions,), cmd_evaluate)),
     "predict": (PredictOptions.__doc__ or "", lambda: ((PredictOptions,), cmd_predict)),
+    "explain": (ExplainOptions.__doc__ or "", lambda: ((ExplainOptions,), cmd_explain)),
     "serve": (ServeOptions.__doc__ or "", lambda: ((ServeOptions,), cmd_serve)),
     "export": (ExportOptions.__doc__ or "", lambda: ((ExportOptions,), cmd_export)),
     "push": (PushOptions.__doc__ or "", lambda: ((PushOptions,), cmd_push)),

@@ -102,12 +102,18 @@ class InferenceMixin:
         """One pass over images + prompt (+ the candidate tree's tokens). Returns log-probs at the
         prompt's last position (and at every fed candidate token), the KV cache and the prompt length."""
         rows, images = image_rows(features)
-        ids = self.prompts.encode(prompt, num_images=len(images) // rows).input_ids
+        return self._prompt_embeds(self.image_embeddings(image_features=images), rows, prompt, tree)
+
+    def _prompt_embeds(
+        self, image_embeds: torch.Tensor, rows: int, prompt: str, tree: CandidateTree | None = None
+    ) -> tuple[Any, ...]:
+        """`_prompt` from projected image embeddings [rows * images, k, d] (what `explain` occludes)."""
+        ids = self.prompts.encode(prompt, num_images=len(image_embeds) // rows).input_ids
         head = ids.index(IMAGE_TOKEN_ID)
         fed = list(tree.fed_tokens) if tree else []
         cache = self._context(ids[:head], rows)
         rest = torch.tensor(ids[head:] + fed, device=self.device).expand(rows, -1)
-        embeds = self.embed(rest, self.image_embeddings(image_features=images))
+        embeds = self.embed(rest, image_embeds)
         length = len(ids)
         visible = tree.attention(length)[head:, head:] if tree else torch.ones(len(rest[0]), len(rest[0])).tril().bool()
         positions = torch.tensor(list(range(head, length)) + (tree.positions(length) if tree else []))
@@ -118,22 +124,26 @@ class InferenceMixin:
     @inference
     def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str, prior: bool = True
                      ) -> torch.Tensor:
-        """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after images + prompt;
-        `features` [B, tokens, hidden] or [B, images, tokens, hidden]. With a label prior that knows the
-        labels (and `prior`), its probe log-probs + gate * the centred log-likelihoods (`label_prior.py`)."""
+        """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after images + prompt, as
+        combined with the label prior if it knows the labels (`label_prior.py`); features [B, (images,) tokens, C]."""
         gated = self._label_prior(labels) if prior else None
         if gated is not None and not gated.gated:  # the gate is closed: the probe alone decides
             return gated.log_probs(features, labels)
-        tree = CandidateTree.build([self.prompts.answer_ids(label) for label in labels])
-        logprobs, _, _ = self._prompt(features, prompt, tree)
-        if gated is None:
-            return tree.scores(logprobs)
-        offset, scale = gated.offset_and_scale(features, labels)
-        return offset + scale * tree.scores(logprobs)
+        rows, images = image_rows(features)
+        llm = self.label_log_likelihoods(self.image_embeddings(image_features=images), labels, prompt, rows)
+        return llm if gated is None else gated.added_to(llm, features, labels)
 
     def _label_prior(self, labels: Sequence[str]) -> Any:
-        prior = getattr(self, "label_prior", None)
-        return prior if prior is not None and prior.covers(labels) else None
+        return self.label_prior if self.label_prior is not None and self.label_prior.covers(labels) else None
+
+    def label_log_likelihoods(
+        self, image_embeds: torch.Tensor, labels: Sequence[str], prompt: str, rows: int | None = None
+    ) -> torch.Tensor:
+        """`score_labels` from projected image embeddings [rows * images, k, d] (default: one image per
+        row), outside `inference`'s no-grad: what `explain` occludes. The caller sets eval mode."""
+        tree = CandidateTree.build([self.prompts.answer_ids(label) for label in labels])
+        logprobs, _, _ = self._prompt_embeds(image_embeds, rows or len(image_embeds), prompt, tree)
+        return tree.scores(logprobs)
 
     @inference
     def predict_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
@@ -142,16 +152,13 @@ class InferenceMixin:
         over the prompt only the labels under the best first token are fed (round 1); labels whose
         first-token bound still beats the best full score are fed in round 2. A trained model is sure
         of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie."""
-        prior = self._label_prior(labels)
-        if prior is not None and not prior.gated:
-            return prior.log_probs(features, labels).argmax(-1)
-        # With a prior, a score is offset + scale * log-likelihood (scale > 0), so the bound still holds.
-        offset, scale = prior.offset_and_scale(features, labels) if prior is not None else (0.0, 1.0)
+        if self._label_prior(labels) is not None:  # the probe alone (gate closed), or added to every full score
+            return self.score_labels(features, labels, prompt).argmax(-1)
         candidates = [self.prompts.answer_ids(label) for label in labels]
         first = torch.tensor([c[0] for c in candidates], device=self.device)
         logprobs, cache, length = self._prompt(features, prompt)
         last = logprobs[:, -1]  # [B, V] at the prompt's last position
-        bound = offset + scale * last[:, first]  # [B, K]
+        bound = last[:, first]  # [B, K]
         scores = torch.full_like(bound, -torch.inf)
         in_cache = torch.arange(len(bound), device=self.device)  # the images whose rows the cache holds
         for round_ in (1, 2):
@@ -170,8 +177,7 @@ class InferenceMixin:
             trees = [built[k] for k in picked]
             out, width = self._feed_trees(trees, cache, length)
             for i, (b, labels_fed, tree) in enumerate(zip(rows.tolist(), picked, trees, strict=True)):
-                llm = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
-                scores[b, list(labels_fed)] = (offset[b, list(labels_fed)] if prior is not None else 0.0) + scale * llm
+                scores[b, list(labels_fed)] = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
             cache.crop(-width)
         return scores.argmax(-1)
 

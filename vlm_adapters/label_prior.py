@@ -71,6 +71,10 @@ class LabelPrior(nn.Module):
         gate = float(self.gate)
         return self.log_probs(features, candidates) - gate * self.center[self._rows(candidates)], gate
 
+    def added_to(self, llm_scores: torch.Tensor, features: torch.Tensor, candidates: Sequence[str]) -> torch.Tensor:
+        offset, scale = self.offset_and_scale(features, candidates)
+        return offset + scale * llm_scores
+
     def _rows(self, candidates: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self.labels.index(c) for c in candidates], device=self.weight.device)
 

@@ -8,14 +8,17 @@ module, imported when first used so that `import vlm_adapters` stays light.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .modeling import VisionLanguageCore
+
+if TYPE_CHECKING:
+    from .explain import Explanation
 
 
 class VisionLanguageModel(VisionLanguageCore):
     """Frozen encoder -> trainable projector -> LLM with a PEFT adapter: classify, predict, describe
-    (from `InferenceMixin`), clip_classify (zero-shot), fit, evaluate, save_pretrained, push_to_hub,
+    (from `InferenceMixin`), clip_classify (zero-shot), explain, fit, evaluate, save_pretrained, push_to_hub,
     merge_and_export."""
 
     def fit(self, train: Any, eval: Any = None, **options: Any) -> dict[str, Any]:  # noqa: A002 - contract name
@@ -42,6 +45,13 @@ class VisionLanguageModel(VisionLanguageCore):
         from .zero_shot import clip_classify
 
         return clip_classify(self, images, labels, template, **options)
+
+    def explain(self, image: Any, label: str | None = None, prompt: str | None = None, **options: Any) -> Explanation:
+        """Which part of `image` made the model give `label` (default: its top label among the adapter's
+        labels, or `labels=[...]`): a heatmap over the image, `.save(path)` writes it as a PNG overlay."""
+        from .explain import explain
+
+        return explain(self, image, label, prompt, **options)
 
     def save_pretrained(self, directory: str | os.PathLike, with_app: bool = False) -> str:
         """Write the adapter folder (config, projector, PEFT weights, model card) atomically; `with_app`
