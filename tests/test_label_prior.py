@@ -9,7 +9,8 @@ import torch
 from conftest import colour_dataset
 
 from vlm_adapters import attach, load
-from vlm_adapters.label_prior import LabelPrior, _probe, calibrate, mixed_log_probs, out_of_fold_logits
+from vlm_adapters.hub import AdapterLoadError
+from vlm_adapters.label_prior import LabelPrior, _probe, calibrate, mixed_log_probs, out_of_fold_logits, save_prior
 
 LABELS = ["red", "green", "blue"]
 PROMPT = "What is shown in this image?"
@@ -111,6 +112,10 @@ def test_fit_adds_the_prior_and_it_is_saved_and_loaded(tmp_path, llm_dir, vit_di
         torch.testing.assert_close(again.label_prior.state_dict()[name], tensor)
     for a, b in zip(before, again.classify(images, LABELS), strict=True):
         assert a.keys() == b.keys() and np.allclose(list(a.values()), list(b.values()), atol=1e-4)
+    folder = tmp_path / "adapter"
+    save_prior(LabelPrior(torch.zeros(2, 4), torch.zeros(2), LABELS[:2]), str(folder / "label_prior.safetensors"))
+    with pytest.raises(AdapterLoadError, match="one row per label of its config"):
+        load(str(folder))
     with_eval = attach(vit_dir, llm_dir)  # an eval split: the gate is fit on its rows, all of them
     with_eval.fit(train, test, output_dir=str(tmp_path / "eval"), max_steps=1, save_strategy="no")
     features = with_eval.vision.encode_images([test[i]["image"] for i in range(len(test))])

@@ -211,7 +211,7 @@ def load(
     except RuntimeError as err:
         raise AdapterLoadError(f"projector weights in {directory} do not fit this configuration: {err}") from err
     model = VisionLanguageModel(config, tower, projector, load_adapter(base, directory, config), tokenizer)
-    prior = read_label_prior(directory)
+    prior = read_label_prior(directory, config)
     model.label_prior = prior.to(model.device) if prior is not None else None
     return model
 

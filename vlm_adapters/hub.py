@@ -237,13 +237,13 @@ def read_projector(directory: str, allow_pickle: bool) -> dict[str, torch.Tensor
     raise AdapterLoadError(f"{directory} has no {PROJECTOR_FILE}.")
 
 
-def read_label_prior(directory: str) -> torch.nn.Module | None:
+def read_label_prior(directory: str, config: AdapterConfig) -> torch.nn.Module | None:
     """The saved label prior (`label_prior.py`), or None for a folder without one (LLM scores alone)."""
     path = os.path.join(directory, PRIOR_FILE)
     if not os.path.exists(path):
         return None
     try:
-        return load_prior(path)
+        return load_prior(path, config.labels)
     except ValueError as err:
         raise AdapterLoadError(str(err)) from err
 

@@ -20,7 +20,6 @@ The scaler and the temperature are folded into the linear map; the prior is save
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -181,22 +180,22 @@ def mixed_log_probs(logits: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 def save_prior(prior: LabelPrior, path: str) -> None:
+    """Rows in the order of the adapter config's `labels`, which names them (one metadata key only:
+    safetensors writes several in a per-process order, and a saved file must be byte-stable)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in prior.state_dict().items()}
-    save_file(tensors, path, metadata={"format": "pt", "labels": json.dumps(prior.labels)})
+    save_file({k: v.detach().cpu().contiguous() for k, v in prior.state_dict().items()}, path, {"format": "pt"})
 
 
-def load_prior(path: str) -> LabelPrior:
-    from safetensors import safe_open
+def load_prior(path: str, labels: Sequence[str] | None) -> LabelPrior:
+    from safetensors.torch import load_file
 
-    with safe_open(path, framework="pt") as handle:
-        labels = json.loads((handle.metadata() or {}).get("labels", "null"))
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    tensors = load_file(path)
     expected = {"weight", "bias", "floor", "gate", "center"}
-    if not isinstance(labels, list) or set(tensors) != expected or not tensors["gate"] >= 0:
-        raise ValueError(f"{path} is not a label prior written by vlm_adapters: expected labels in its metadata, "
-                         f"tensors {sorted(expected)} and a gate >= 0. Delete it to use the LLM's scores alone.")
+    if not labels or set(tensors) != expected or len(tensors["bias"]) != len(labels) or not tensors["gate"] >= 0:
+        raise ValueError(f"{path} is not a label prior for this adapter: expected tensors {sorted(expected)}, one "
+                         f"row per label of its config ({len(labels or [])}) and a gate >= 0. Delete the file to "
+                         "score labels with the LLM alone.")
     prior = LabelPrior(tensors["weight"], tensors["bias"], labels)
     prior.load_state_dict(tensors)
     return prior
