@@ -44,8 +44,9 @@ class LabelPrior(nn.Module):
             raise ValueError(f"a prior over {len(labels)} labels needs weight [K, C] and bias [K]; "
                              f"got {tuple(weight.shape)} and {tuple(bias.shape)}.")
         self.labels = list(labels)
-        self.register_buffer("weight", weight.float())
-        self.register_buffer("bias", bias.float())
+        # float64, as sklearn fits it: in float32 the folded map flips near-ties against the probe's own predictions
+        self.register_buffer("weight", weight.double())
+        self.register_buffer("bias", bias.double())
         self.register_buffer("floor", torch.tensor(float(floor)))  # see `calibrate`
         self.register_buffer("gate", torch.tensor(0.0))
         self.register_buffer("center", torch.zeros(len(labels)))
@@ -61,9 +62,9 @@ class LabelPrior(nn.Module):
     def log_probs(self, features: torch.Tensor, candidates: Sequence[str]) -> torch.Tensor:
         """[B, K] probe log-probabilities over `candidates` (a subset of `labels`) from encoder features
         [B, tokens, hidden] or [B, images, tokens, hidden], pooled over every token of the row."""
-        pooled = features.flatten(1, -2).float().mean(1).to(self.weight.device)
+        pooled = features.flatten(1, -2).double().mean(1).to(self.weight.device)
         rows = self._rows(candidates)
-        return mixed_log_probs(pooled @ self.weight[rows].T + self.bias[rows], float(self.floor))
+        return mixed_log_probs(pooled @ self.weight[rows].T + self.bias[rows], float(self.floor)).float()
 
     def offset_and_scale(self, features: torch.Tensor, candidates: Sequence[str]) -> tuple[torch.Tensor, float]:
         """(offset [B, K], scale): a label's score is offset + scale * its LLM log-likelihood."""
