@@ -2,9 +2,9 @@
 benchmarks: every training step runs the vision encoder on the batch's pixels, the LLM computes
 full-vocabulary logits at every position (its own `labels=` loss), batches are padded to the longest
 sequence, LoRA runs PEFT's own forward (run training inside `peft_lora_forward(vlm)`), and
-classification is `generate` + string match. Gradient checkpointing is on, as in the
+classification is `generate` + string match. Gradient checkpointing can be turned on, as in the
 HF cookbook's QLoRA recipe (`gradient_checkpointing=True`, `use_reentrant=False`) and
-`peft.prepare_model_for_kbit_training`'s default.
+`peft.prepare_model_for_kbit_training`'s default, when the benchmark asks for it.
 
 It shares the parts that must be equal for a fair comparison with vlm_adapters: the same encoder,
 projector class and shape, NF4 LLM with the same LoRA settings, the same prompts and answers.
@@ -58,7 +58,7 @@ class ReferenceCollator:
 
 def reference_trainer(vlm: VisionLanguageModel, train: Any, names: list[str], args: Any) -> Trainer:
     """A Trainer on the reference model; pass `gradient_checkpointing=True` in `args` for the cookbook
-    recipe (the benchmark does), and call `vlm.base_llm.gradient_checkpointing_disable()` afterwards."""
+    recipe (the benchmark's second row does), and call `vlm.base_llm.gradient_checkpointing_disable()` afterwards."""
     collator = ReferenceCollator(vlm, names)
     return Trainer(model=ReferenceModel(vlm), args=args, train_dataset=train, data_collator=collator)
 
@@ -67,10 +67,20 @@ def reference_trainer(vlm: VisionLanguageModel, train: Any, names: list[str], ar
 def classify_by_generate(
     vlm: VisionLanguageModel, images: list[Any], names: list[str], max_new_tokens: int = 8
 ) -> list[int]:
-    """`generate(inputs_embeds=...)` then match the text to a class name (-1 when nothing matches)."""
+    """The encoder on the images, then `classify_features_by_generate`."""
     vlm.eval()
-    ids = torch.tensor([vlm.prompts.encode(vlm.config.classify_prompt).input_ids] * len(images))
-    embeds = vlm.embed(ids, vlm.projector(vlm.vision(vlm.vision.preprocess(images))))
+    return classify_features_by_generate(vlm, vlm.vision(vlm.vision.preprocess(images)), names, max_new_tokens)
+
+
+@torch.no_grad()
+def classify_features_by_generate(
+    vlm: VisionLanguageModel, features: torch.Tensor, names: list[str], max_new_tokens: int = 8
+) -> list[int]:
+    """`generate(inputs_embeds=...)` on encoder features, then match the text to a class name (-1 when
+    nothing matches)."""
+    vlm.eval()
+    ids = torch.tensor([vlm.prompts.encode(vlm.config.classify_prompt).input_ids] * len(features))
+    embeds = vlm.embed(ids, vlm.projector(features))
     with peft_lora_forward(vlm):
         out = vlm.llm.generate(
             inputs_embeds=embeds,
@@ -84,4 +94,7 @@ def classify_by_generate(
     return [next((i for i in by_length if names[i].lower() in t.lower()), -1) for t in texts]
 
 
-__all__ = ["IMAGE_TOKEN_ID", "ReferenceCollator", "ReferenceModel", "classify_by_generate", "reference_trainer"]
+__all__ = [
+    "IMAGE_TOKEN_ID", "ReferenceCollator", "ReferenceModel", "classify_by_generate", "classify_features_by_generate",
+    "reference_trainer",
+]

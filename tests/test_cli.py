@@ -12,7 +12,11 @@ What each test proves:
 - convert_gguf_prints_the_converted_folder_in_the_cache_it_is_given: `convert-gguf --cache_dir` prints the SmolLM2
   folder in that cache, which transformers loads (the conversion itself: test_assets).
 - demo_runs_end_to_end_on_a_few_images: `demo` on 2 + 1 images per class runs every phase and writes the report, the
-  adapter, the confusion matrix; the reloaded adapter predicts the same; the scores are on the test images.
+  adapter, the confusion matrix; the reloaded adapter predicts the same; the scores are on the test images; its
+  short mosaic stage captions and answers test mosaics.
+- demo_mosaic_runs_end_to_end_on_a_few_mosaics: `demo mosaic` on 6 train / 3 test mosaics scores the trained,
+  zero-shot and classification-only models and the probe, writes report.json, the PNG and its section of the
+  results file (keeping the rest of that file), and prints the table.
 - split_folder_label_map_and_attach_flags: a train/ validation/ test/ folder needs no --split (validation/ is
   the eval split of training, test/ the split `evaluate` scores), --label_map renames, flags of every kind
   (`none`, `--no_x`, numbers) reach the saved config, and TrainingArguments flags the user gives reach `fit` even
@@ -257,7 +261,8 @@ def test_demo_runs_end_to_end_on_a_few_images(tmp_path, capsys):
     """The real assets (SmolLM2 NF4 + LoRA, EfficientNet-Lite0, Fashion-MNIST) on 2 + 1 images per class."""
     out = tmp_path / "demo"
     assert main(["demo", "--output_dir", str(out), "--train_per_class", "2", "--test_per_class", "1",
-                 "--zero_shot_per_class", "1", "--describe_images", "2", "--describe_max_new_tokens", "4"]) == 0
+                 "--zero_shot_per_class", "1", "--describe_images", "2", "--describe_max_new_tokens", "4",
+                 "--mosaic_train", "4", "--mosaic_test", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     figures = report["figures"]
     assert report["options"]["train_per_class"] == 2 and figures["test_images"] == 10
@@ -269,4 +274,25 @@ def test_demo_runs_end_to_end_on_a_few_images(tmp_path, capsys):
     assert set(os.listdir(out / "adapter")) == {"vlm_adapter_config.json", "projector.safetensors",
                                                 "adapter_config.json", "adapter_model.safetensors", "README.md"}
     assert (out / "confusion_matrix.png").exists()
+    assert len(figures["mosaic_examples"]) == 2 and all(e["caption"] for e in figures["mosaic_examples"])
+    assert 0 <= figures["mosaic_cells_right"] <= 1 and "mosaics: caption + answer (short)" in report["phases_s"]
     assert "| VLM accuracy (label scoring, 10 test images) |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist")
+def test_demo_mosaic_runs_end_to_end_on_a_few_mosaics(tmp_path, capsys):
+    out, results = tmp_path / "mosaic", tmp_path / "docs" / "results.md"
+    results.parent.mkdir()
+    results.write_text("# Demo results\n\nthe classification demo's table\n")
+    assert main(["demo", "mosaic", "--output_dir", str(out), "--results_md", str(results), "--train_mosaics", "6",
+                 "--test_mosaics", "3", "--baseline_mosaics", "2", "--classifier_per_class", "1",
+                 "--max_new_tokens", "6", "--answer_max_new_tokens", "2"]) == 0
+    figures = json.loads((out / "report.json").read_text())["figures"]
+    assert figures["probe"]["n"] == 12 and figures["trained"]["caption"]["per_cell"]["n"] == 12
+    assert figures["zero_shot"]["caption"]["per_cell"]["n"] == 8 == figures["classifier"]["caption"]["per_cell"]["n"]
+    assert sum(q["n"] for q in figures["trained"]["questions"].values()) == 6  # 2 questions per test mosaic
+    assert figures["train"]["rows"] == 12 and len(figures["examples"]["captions"]) == 3
+    text = results.read_text()
+    assert text.startswith("# Demo results\n\nthe classification demo's table\n") and "## Mosaic task" in text
+    assert (results.parent / "mosaic_captions.png").exists() and (out / "mosaic_captions.png").exists()
+    assert "| per-cell linear probe (same features) |" in capsys.readouterr().out

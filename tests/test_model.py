@@ -253,17 +253,22 @@ def test_packed_training_forward_equals_the_padded_batch(llm_dir, vit_dir, image
 
 
 def test_packed_rows_end_at_their_last_supervised_token(llm_dir, vit_dir):
-    """The final end-of-turn of each row is a target but never an input: nothing reads its output."""
+    """The final end-of-turn of each row is a target but never an input: nothing reads its output; the
+    heads of rows with different prompts share their common prefix."""
     model = attach(vit_dir, llm_dir, system_prompt="Be brief.")
     rows = [("What is shown in this image?", "red"), ("Describe this image.", "a green shape on white")]
     batch = pad_right([model.prompts.encode(p, a) for p, a in rows], model.pad_token_id)
     packed = PackedBatch.build(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    fed = 0
-    for labels in batch["labels"]:
-        # the two heads differ, so each row feeds its own head and tokens up to its final end-of-turn,
-        # which sits at `last` and is read at `last - 1`: positions 0 .. last - 1
-        fed += int((labels != IGNORE_INDEX).nonzero()[-1])
-    assert len(packed.input_ids) == fed
+    prefixes, fed = set(), 0
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"]):
+        # the heads (tokens before the image) share the system turn and user header, fed once: one token
+        # per distinct prefix; then each row's tokens up to its final end-of-turn, which sits at `last`
+        # and is read at `last - 1`: positions cut .. last - 1
+        cut = ids.index(IMAGE_TOKEN_ID)
+        prefixes |= {tuple(ids[: i + 1]) for i in range(cut)}
+        fed += int((labels != IGNORE_INDEX).nonzero()[-1]) - cut
+    assert 0 < len(prefixes) < 2 * batch["input_ids"][0].tolist().index(IMAGE_TOKEN_ID)  # a shared prefix
+    assert len(packed.input_ids) == len(prefixes) + fed
     assert packed.targets[-1] != IGNORE_INDEX
 
 

@@ -139,25 +139,20 @@ def add_adapter(
 ) -> PreTrainedModel | PeftModel:
     """Freeze the LLM and wrap it with the adapter: `given` (a PEFT config object) or the one `config`
     names; left frozen for adapter='none'."""
-    from .fast_lora import fuse_lora_4bit
-
     peft_cfg = peft_config(config, given)
     if peft_cfg is not None:
         check_method(peft_cfg, quantization_of(llm))
     llm = _frozen(llm)
     if peft_cfg is None:
-        return llm
+        return _fast_4bit(llm, config)
     with _peft_wrapping():
         model = _freeze_constants(get_peft_model(llm, peft_cfg))
-    fuse_lora_4bit(model)
-    return model
+    return _fast_4bit(model, config)
 
 
 def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) -> PreTrainedModel | PeftModel:
     """Put saved PEFT weights (safetensors only) back on a freshly loaded base, through PEFT's own
     `PeftModel.from_pretrained`: whatever the method, its options are in PEFT's adapter_config.json."""
-    from .fast_lora import fuse_lora_4bit
-
     if config.adapter == "none":
         return add_adapter(llm, config)
     saved = PeftConfig.from_pretrained(directory)
@@ -175,7 +170,19 @@ def load_adapter(llm: PreTrainedModel, directory: str, config: AdapterConfig) ->
             param.requires_grad_("prompt_encoder" in name)
     if saved.peft_type == PeftType.ADALORA:
         _restore_exactly(model, directory)
+    return _fast_4bit(model, config)
+
+
+def _fast_4bit(model: PreTrainedModel | PeftModel, config: AdapterConfig) -> PreTrainedModel | PeftModel:
+    """The one-node LoRA forward on 4-bit layers, and the kept dequantized weights if asked for."""
+    if not is_quantized(model.get_base_model() if isinstance(model, PeftModel) else model):
+        return model
+    from .dequantized import keep_dequantized
+    from .fast_lora import fuse_lora_4bit
+
     fuse_lora_4bit(model)
+    if config.dequantize == "once":
+        keep_dequantized(model)
     return model
 
 

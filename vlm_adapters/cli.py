@@ -211,6 +211,12 @@ def _demo() -> tuple[tuple[type, ...], Callable[..., Any]]:
     return (DemoOptions,), run_demo
 
 
+def _demo_mosaic() -> tuple[tuple[type, ...], Callable[..., Any]]:
+    from .demo.mosaic import MosaicOptions, run_mosaic_demo
+
+    return (MosaicOptions,), run_mosaic_demo
+
+
 Command = Callable[[], tuple[tuple[type, ...], Callable[..., Any]]]
 COMMANDS: dict[str, tuple[str, Command]] = {
     "demo": ("fine-tune + classify + describe on the shipped real weights and data", _demo),
@@ -225,6 +231,9 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "export": (ExportOptions.__doc__ or "", lambda: ((ExportOptions,), cmd_export)),
     "push": (PushOptions.__doc__ or "", lambda: ((PushOptions,), cmd_push)),
     "convert-gguf": (ConvertOptions.__doc__ or "", lambda: ((ConvertOptions,), cmd_convert)),
+}
+SUBCOMMANDS: dict[tuple[str, str], tuple[str, Command]] = {  # `vlm-adapters demo mosaic`: a second word
+    ("demo", "mosaic"): ("caption + answer questions about Fashion-MNIST mosaics, against baselines", _demo_mosaic),
 }
 
 
@@ -260,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="vlm-adapters",
         description="Vision adapters for 4-bit LLMs. Run `vlm-adapters COMMAND --help` for a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(f"  {name:<13} {' '.join(doc.split())}" for name, (doc, _) in COMMANDS.items()),
+        epilog="\n".join(f"  {name:<13} {' '.join(doc.split())}" for name, (doc, _) in [
+            *COMMANDS.items(), *((" ".join(words), entry) for words, entry in SUBCOMMANDS.items())]),
     )
     top.add_argument("command", choices=list(COMMANDS))
     if not argv or argv[0] in ("-h", "--help"):
@@ -268,10 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command = top.parse_args(argv[:1]).command
     description, resolve = COMMANDS[command]
+    rest = argv[1:]
+    if rest and (command, rest[0]) in SUBCOMMANDS:
+        description, resolve = SUBCOMMANDS[(command, rest[0])]
+        command, rest = f"{command} {rest[0]}", rest[1:]
     classes, run = resolve()
     parser = HfArgumentParser(classes, prog=f"vlm-adapters {command}", description=description)
     fix_flags(parser, classes)
-    rest = argv[1:]
     config = None
     if len(rest) == 1 and rest[0].endswith((".yaml", ".yml", ".json")):
         with open(rest[0], encoding="utf-8") as fh:

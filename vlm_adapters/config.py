@@ -23,6 +23,7 @@ Quantization = Literal["nf4", "int8"]
 ProjectorKind = Literal["linear", "mlp2x_gelu"]
 PoolingKind = Literal["avg", "pixel_shuffle"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+Dequantize = Literal["per_forward", "per_call", "once"]
 
 
 def _option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the metadata key HfArgumentParser reads
@@ -52,6 +53,11 @@ class AttachOptions:
     num_prefix_tokens: int = _option(16, "virtual tokens of prefix tuning")
     compute_dtype: ComputeDtype = _option(
         "auto", "dtype the LLM computes in; auto: bf16 on CUDA, on a CPU the faster of bf16 and fp32"
+    )
+    dequantize: Dequantize = _option(
+        "per_forward", "when 4-bit weights are dequantized: in every pass (bitsandbytes' way, least memory); "
+        "per_call: once per inference call (a compute-dtype copy while it runs); once: kept for training and "
+        "inference (fastest on a CPU; costs 2 bytes per weight in bf16, 4 in fp32)"
     )
     image_size: int = _option(224, "input size of the default image processor for a bare torch encoder")
     classify_prompt: str = _option("What is shown in this image?", "the user prompt for classification")

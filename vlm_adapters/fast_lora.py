@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from bitsandbytes.functional import dequantize_4bit
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from torch import nn
+
+from .dequantized import compute_weight
 
 
 class _LoRA4bit(torch.autograd.Function):
@@ -48,7 +49,7 @@ class _LoRA4bit(torch.autograd.Function):
             grad_a = (grad_xa.T @ x.reshape(-1, x.shape[-1])).mul_(scaling)
         if ctx.needs_input_grad[0]:
             compute = base.compute_dtype or grad.dtype
-            weight = dequantize_4bit(base.weight.data, base.weight.quant_state).to(compute)
+            weight = compute_weight(base, compute)  # dequantized, as bitsandbytes' backward does (or kept)
             grad_x = (grad2d.to(compute) @ weight).to(x.dtype)
             grad_x = grad_x.addmm_(grad_xa, a, alpha=scaling).view_as(x)
         return grad_x, grad_a, grad_b, None, None

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from .images import ImageInput
 from .prompting import IMAGE_TOKEN_ID
-from .scoring import CandidateTree
+from .scoring import CandidateTree, labels_to_feed
 
 T = TypeVar("T")
 
@@ -65,9 +65,18 @@ class InferenceMixin:
             return
         self._head_caches = {}
         try:
-            yield
+            with self._dequantized_for_call():
+                yield
         finally:
             self._head_caches = None
+
+    def _dequantized_for_call(self) -> contextlib.AbstractContextManager[None]:
+        """Compute-dtype copies of the 4-bit weights for one inference call (`dequantize="per_call"`)."""
+        if self.config.dequantize != "per_call" or self.config.quantization != "nf4":
+            return contextlib.nullcontext()
+        from .dequantized import dequantized_during
+
+        return dequantized_during(self.base_llm)
 
     def _context(self, head_ids: Sequence[int], batch: int) -> DynamicCache:
         """KV cache of what precedes the image, repeated over the batch: the PEFT prefix (if any) and
@@ -122,19 +131,11 @@ class InferenceMixin:
 
     # ------------------------------------------------------- on encoder features
     @inference
-    def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str, prior: bool = True
-                     ) -> torch.Tensor:
-        """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after images + prompt, as
-        combined with the label prior if it knows the labels (`label_prior.py`); features [B, (images,) tokens, C]."""
-        gated = self._label_prior(labels) if prior else None
-        if gated is not None and not gated.gated:  # the gate is closed: the probe alone decides
-            return gated.log_probs(features, labels)
+    def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
+        """Log-likelihood [B, K] of each full label answer (tokens + end of turn) after images + prompt;
+        `features` [B, tokens, hidden] or [B, images, tokens, hidden]."""
         rows, images = image_rows(features)
-        llm = self.label_log_likelihoods(self.image_embeddings(image_features=images), labels, prompt, rows)
-        return llm if gated is None else gated.added_to(llm, features, labels)
-
-    def _label_prior(self, labels: Sequence[str]) -> Any:
-        return self.label_prior if self.label_prior is not None and self.label_prior.covers(labels) else None
+        return self.label_log_likelihoods(self.image_embeddings(image_features=images), labels, prompt, rows)
 
     def label_log_likelihoods(
         self, image_embeds: torch.Tensor, labels: Sequence[str], prompt: str, rows: int | None = None
@@ -147,13 +148,12 @@ class InferenceMixin:
 
     @inference
     def predict_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
-        """Index [B] of the most likely label, equal to `score_labels(...).argmax(-1)` with far fewer
-        tokens fed. A label's log-likelihood is at most its first token's log-prob, so after one pass
-        over the prompt only the labels under the best first token are fed (round 1); labels whose
-        first-token bound still beats the best full score are fed in round 2. A trained model is sure
-        of its first token, so round 2 rarely runs and each image feeds a few tokens, not the trie."""
-        if self._label_prior(labels) is not None:  # the probe alone (gate closed), or added to every full score
-            return self.score_labels(features, labels, prompt).argmax(-1)
+        """Index [B] of the most likely label, equal to `score_labels(...).argmax(-1)` with far fewer tokens fed.
+        A label's log-likelihood is at most its first token's log-prob, so after one pass over the prompt only the
+        labels under the best first token are fed (round 1); labels whose first-token bound still beats the best
+        full score are fed in round 2. A trained model is sure of its first token, so round 2 rarely runs; for an
+        unsure one it would feed most of the trie, more than generating costs, so it feeds at most the image's
+        token count per image (`labels_to_feed`): exact whenever the labels in doubt fit."""
         candidates = [self.prompts.answer_ids(label) for label in labels]
         first = torch.tensor([c[0] for c in candidates], device=self.device)
         logprobs, cache, length = self._prompt(features, prompt)
@@ -166,17 +166,17 @@ class InferenceMixin:
             need = scores.isneginf() & (bound > best)
             if round_ == 1:  # only the labels that share the most likely first token
                 need &= first[None, :] == first[bound.argmax(-1)][:, None]
-            rows = need.any(-1).nonzero()[:, 0]
-            if len(rows) == 0:
+            picked = labels_to_feed(need, bound, candidates, None if round_ == 1 else self.prompts.num_image_tokens)
+            if not picked:
                 break
+            rows = torch.tensor(list(picked), device=self.device)
             if len(rows) < len(in_cache):
                 cache.batch_select_indices(torch.searchsorted(in_cache, rows))
                 in_cache = rows
-            picked = [tuple(need[b].nonzero()[:, 0].tolist()) for b in rows]
-            built = {k: CandidateTree.build([candidates[i] for i in k]) for k in set(picked)}  # shared by images
-            trees = [built[k] for k in picked]
+            built = {k: CandidateTree.build([candidates[i] for i in k]) for k in set(picked.values())}  # shared
+            trees = [built[k] for k in picked.values()]
             out, width = self._feed_trees(trees, cache, length)
-            for i, (b, labels_fed, tree) in enumerate(zip(rows.tolist(), picked, trees, strict=True)):
+            for i, (b, labels_fed, tree) in enumerate(zip(picked, picked.values(), trees, strict=True)):
                 scores[b, list(labels_fed)] = tree.scores(torch.cat([last[b, None, None], out[i, None]], 1))[0]
             cache.crop(-width)
         return scores.argmax(-1)

@@ -88,3 +88,32 @@ class CandidateTree:
         rows, tokens, valid = (t.to(logprobs.device) for t in (self.rows, self.tokens, self.valid))
         picked = logprobs[:, rows, tokens]  # [B, K, W]
         return (picked * valid).sum(-1)
+
+
+def within_budget(order: Sequence[int], candidates: Sequence[Sequence[int]], budget: int) -> tuple[int, ...]:
+    """The longest leading run of `order` whose candidates' tree feeds at most `budget` tokens (a
+    candidate feeds every token but its last), sorted."""
+    fed: set[tuple[int, ...]] = set()
+    kept: list[int] = []
+    for k in order:
+        prefixes = {tuple(candidates[k][:i]) for i in range(1, len(candidates[k]))}
+        if len(fed | prefixes) > budget:
+            break
+        kept.append(k)
+        fed |= prefixes
+    return tuple(sorted(kept))
+
+
+def labels_to_feed(
+    need: torch.Tensor, bound: torch.Tensor, candidates: list[tuple[int, ...]], budget: int | None
+) -> dict[int, tuple[int, ...]]:
+    """Image -> the labels to feed it in a round of `predict_labels` (images with none left out): all
+    it needs [B, K], or (with a budget) those with the best first-token bounds whose tree fits it."""
+    picked = {}
+    for b in need.any(-1).nonzero()[:, 0].tolist():
+        labels = need[b].nonzero()[:, 0].tolist()
+        if budget is not None:
+            labels = within_budget(sorted(labels, key=lambda k: -float(bound[b, k])), candidates, budget)
+        if labels:
+            picked[b] = tuple(labels)
+    return picked
