@@ -22,6 +22,7 @@ from .hub import (
     check_peft_type,
     check_signature,
     check_weight_files,
+    read_label_prior,
     read_projector,
     resolve_adapter_dir,
 )
@@ -209,7 +210,10 @@ def load(
         projector.load_state_dict(read_projector(directory, allow_pickle), strict=True)
     except RuntimeError as err:
         raise AdapterLoadError(f"projector weights in {directory} do not fit this configuration: {err}") from err
-    return VisionLanguageModel(config, tower, projector, load_adapter(base, directory, config), tokenizer)
+    model = VisionLanguageModel(config, tower, projector, load_adapter(base, directory, config), tokenizer)
+    prior = read_label_prior(directory, config)
+    model.label_prior = prior.to(model.device) if prior is not None else None
+    return model
 
 
 def _name(source: Any) -> str | None:

@@ -228,6 +228,14 @@ class FitOptions:
         False, "draw training rows with replacement so that every class is drawn equally often on average"
     )
     calibrate: bool = _option(False, "fit a temperature on the eval split after training (see model.calibrate)")
+    label_prior: bool = _option(
+        True, "label data: fit a linear probe on the cached pooled features and score labels as probe log-prob + "
+        "gate * centred LLM log-likelihood, the gate (>= 0) fit after training on held-out rows (label_prior.py)"
+    )
+    gate_holdout: float = _option(
+        0.2, "with label_prior and no eval split: the share of label rows (at most 500) kept out of the LLM's "
+        "training to fit the gate on (0: fit it on the training rows, which the LLM has seen)"
+    )
 
     def __post_init__(self) -> None:
         self.class_weight = parse_class_weight(self.class_weight)

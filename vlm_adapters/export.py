@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -225,4 +226,7 @@ def merge_and_export(model: VisionLanguageCore, directory: str | os.PathLike[str
     `directory` is either the old folder or the complete new one. Returns its absolute path.
     """
     check_exportable(model)  # before any loading or writing
+    if getattr(model, "label_prior", None) is not None:
+        warnings.warn("a Llava checkpoint has no place for the label prior (label_prior.py): the exported model "
+                      "scores labels with the LLM alone, which can classify worse than this one.", stacklevel=2)
     return write_folder_atomically(directory, lambda staging: write_export(model, staging))

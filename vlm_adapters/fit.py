@@ -22,6 +22,7 @@ from .config import FitOptions
 from .data import align_labels, as_dataset, class_weights, label_names, row_labels
 from .evaluation import evaluate
 from .features import FEATURES_COLUMN, features_as_tensors, with_image_features
+from .label_prior import can_fit_prior, fit_label_prior, hold_out_gate_rows
 from .metrics import LOWER_IS_BETTER, SCALAR_METRICS
 from .modeling import VisionLanguageCore
 from .plots import plot_training_curves
@@ -165,10 +166,9 @@ def fit(
     `options` are `FitOptions` fields (`projector_lr`, `align_epochs`, `class_weight`, `calibrate`, ...)
     and `TrainingArguments` names (`output_dir`, `num_train_epochs`, `learning_rate`, `save_steps`,
     `metric_for_best_model`, ...); `save_steps` / `eval_steps` without a strategy mean "steps", as in
-    transformers. `class_weight="balanced"` (or {label: weight}) weights each row's loss by its class;
-    `balanced_sampling=True` draws the rows class-balanced instead; `metric_for_best_model` may name
-    any scalar metric of `evaluate` ("roc_auc", "balanced_accuracy", ...); `calibrate=True` fits the
-    probability temperature on the eval split before the final evaluation.
+    transformers. `class_weight` weights each row's loss by its class; `balanced_sampling=True` draws rows
+    class-balanced instead; `metric_for_best_model` may name any scalar metric of `evaluate`; `calibrate=True`
+    fits the probability temperature on the eval split before the final evaluation.
     """
     fit_options, training_args = split_options(options)
     train_ds = as_dataset(train, "train dataset")
@@ -188,6 +188,7 @@ def fit(
             train_ds = _cache_features(model, train_ds, fit_options)
             eval_ds = _cache_features(model, eval_ds, fit_options)
         _set_feature_statistics(model, train_ds)
+    prior_data, train_ds, gate_rows = _split_for_prior(train_ds, eval_ds, names, fit_options, args["seed"])
     label_only = names and "answer" not in train_ds.column_names  # users' own captions teach describing otherwise
     ratio = (0.25 if label_only else 0.0) if fit_options.describe_ratio is None else fit_options.describe_ratio
     train_ds = features_as_tensors(_with_describe_rows(train_ds, ratio, args["seed"]))
@@ -200,14 +201,29 @@ def fit(
         callbacks=callbacks, projector_lr=fit_options.projector_lr, eval_labels=names,
         sample_labels=row_labels(train_ds) if fit_options.balanced_sampling else None,
     )
+    if prior_data is not None:
+        model.label_prior = fit_label_prior(model, prior_data, eval_ds, gate_rows, names, args["seed"])
+        result["label_prior_gate"] = float(model.label_prior.gate)
     if weights:
         result["class_weights"] = weights
-    if fit_options.calibrate:
+    if fit_options.calibrate:  # after the prior: the temperature scales the scores classify returns
         from .calibration import calibrate
 
         result["calibration"] = calibrate(model, eval_ds, batch_size=args["per_device_eval_batch_size"],
                                           progress=not args.get("disable_tqdm"))
     return _finish(model, result, trainer, args["output_dir"], train_ds, eval_ds)
+
+
+def _split_for_prior(
+    train_ds: datasets.Dataset, eval_ds: datasets.Dataset | None, names: list[str] | None, options: FitOptions,
+    seed: int,
+) -> tuple[datasets.Dataset | None, datasets.Dataset, Any]:
+    """(the label prior's probe data: every training row, the LLM's training rows, the rows held out to fit
+    the gate on); no prior data when the prior is off or cannot be fit."""
+    if not (names and options.label_prior and options.cache_features and can_fit_prior(train_ds, names)):
+        return None, train_ds, None
+    share = 0.0 if eval_ds is not None else options.gate_holdout
+    return train_ds, *hold_out_gate_rows(train_ds, names, share, seed)
 
 
 def _labels(

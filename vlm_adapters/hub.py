@@ -4,6 +4,7 @@ check them before loading.
 Folder layout (what `save_pretrained` writes and `attach.load` reads):
     vlm_adapter_config.json    every attach option + the names and signatures of both bases
     projector.safetensors      the projector
+    label_prior.safetensors    label data: the probe + gate that label scores add (label_prior.py)
     adapter_config.json        PEFT's own files (absent for adapter="none"),
     adapter_model.safetensors  so plain `PeftModel.from_pretrained` can read them too
     README.md                  model card
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import CONFIG_NAME, AdapterConfig
 from .files import write_folder_atomically
+from .label_prior import PRIOR_FILE, load_prior, save_prior
 from .modeling import VisionLanguageCore
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -98,6 +100,8 @@ def write_adapter_files(
         os.path.join(directory, PROJECTOR_FILE),
         metadata={"format": "pt"},
     )
+    if model.label_prior is not None:
+        save_prior(model.label_prior, os.path.join(directory, PRIOR_FILE))
     if hasattr(model.llm, "peft_config"):
         model.llm.save_pretrained(directory, safe_serialization=True)
     model_card(model, repo_id or directory, with_app).save(os.path.join(directory, "README.md"))
@@ -231,6 +235,17 @@ def read_projector(directory: str, allow_pickle: bool) -> dict[str, torch.Tensor
         pickled = next(os.path.join(directory, f) for f in os.listdir(directory) if f.startswith("projector"))
         return torch.load(pickled, map_location="cpu", weights_only=True)
     raise AdapterLoadError(f"{directory} has no {PROJECTOR_FILE}.")
+
+
+def read_label_prior(directory: str, config: AdapterConfig) -> torch.nn.Module | None:
+    """The saved label prior (`label_prior.py`), or None for a folder without one (LLM scores alone)."""
+    path = os.path.join(directory, PRIOR_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        return load_prior(path, config.labels)
+    except ValueError as err:
+        raise AdapterLoadError(str(err)) from err
 
 
 def check_signature(kind: str, saved: dict[str, Any], found: dict[str, Any], name: str | None) -> None:

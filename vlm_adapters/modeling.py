@@ -10,6 +10,7 @@ forward and inference (`inference.py`, mixed in) both use it.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .adapters import prefix_length, regularization
 from .config import AdapterConfig
 from .generation import TextGenerationMixin
-from .inference import InferenceMixin
+from .inference import InferenceMixin, inference
 from .packing import PackedBatch
 from .projector import Projector
 from .prompting import IMAGE_TOKEN_ID, PromptBuilder
@@ -76,6 +77,7 @@ class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
         self.stop_token_ids = {i for i in (tokenizer.eos_token_id, *self.prompts.answer_ids("")) if i is not None}
         # What the PEFT adapter trains, whichever method it is (LoRA, prefix, ...): set_stage toggles these.
         self.adapter_parameters = [p for p in llm.parameters() if p.requires_grad]
+        self.label_prior: nn.Module | None = None  # the probe + gate `fit` adds on label data (label_prior.py)
 
     @property
     def base_llm(self) -> PreTrainedModel:
@@ -176,6 +178,29 @@ class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
         token_loss = -logprobs.gather(-1, targets[:, None])[:, 0]
         loss = (token_loss * batch.weights[keep]).mean() + regularization(self.llm)
         return CausalLMOutputWithPast(loss=loss, logits=logprobs)
+
+    # ---------------------------------------------- label scores with the label prior (label_prior.py)
+    @inference
+    def score_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str, prior: bool = True
+                     ) -> torch.Tensor:
+        """`InferenceMixin.score_labels` combined with the label prior `fit` adds on label data, if it knows
+        the labels (and `prior`): probe log-prob + gate * centred log-likelihood; the probe alone while the
+        gate is closed, without running the LLM."""
+        gated = self._label_prior(labels) if prior else None
+        if gated is not None and not gated.gated:
+            return gated.log_probs(features, labels)
+        llm = super().score_labels(features, labels, prompt)
+        return llm if gated is None else gated.added_to(llm, features, labels)
+
+    @inference
+    def predict_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
+        """`InferenceMixin.predict_labels`, or with a label prior the argmax of every label's full score."""
+        if self._label_prior(labels) is not None:
+            return self.score_labels(features, labels, prompt).argmax(-1)
+        return super().predict_labels(features, labels, prompt)
+
+    def _label_prior(self, labels: Sequence[str]) -> Any:
+        return self.label_prior if self.label_prior is not None and self.label_prior.covers(labels) else None
 
     def prefix_cache(self) -> DynamicCache:
         """A KV cache holding the PEFT prefix (prefix tuning's virtual tokens), or an empty one."""
