@@ -137,3 +137,19 @@ def test_gate_rows_are_kept_out_of_the_llm_training_stratified(colours):
     assert hold_out_gate_rows(train, LABELS, 0.0, seed=0)[1] is None
     assert hold_out_gate_rows(train.select(range(0, 72, 12)), LABELS, 0.5, seed=0)[1].tolist() == [0, 3, 5]
     assert hold_out_gate_rows(train.select(range(0, 72, 24)), LABELS, 0.5, seed=0)[1] is None  # 1 per class
+
+
+def test_class_weight_reaches_the_probe():
+    """fit(class_weight=...) weights the probe as it weights the LLM's loss: the folded prior predicts what
+    sklearn's weighted probe predicts, and the rare class more often than the unweighted probe."""
+    rng = np.random.default_rng(0)
+    targets = np.array([0] * 90 + [1] * 10)
+    pooled = rng.normal(size=(100, 4)) + targets[:, None] * 1.0  # overlapping classes, 9:1
+    labels = ["common", "rare"]
+    weights = {0: 100 / 180, 1: 100 / 20}  # 'balanced'
+    plain, _ = LabelPrior.fit(pooled, targets, labels)
+    weighted, _ = LabelPrior.fit(pooled, targets, labels, class_weight=weights)
+    features = torch.from_numpy(pooled)[:, None]
+    predicted = weighted.log_probs(features, labels).argmax(-1).numpy()
+    assert predicted.tolist() == _probe(class_weight=weights).fit(pooled, targets).predict(pooled).tolist()
+    assert (predicted == 1).sum() > (plain.log_probs(features, labels).argmax(-1).numpy() == 1).sum()

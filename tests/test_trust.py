@@ -51,7 +51,9 @@ from vlm_adapters.evaluation import label_scores
 from vlm_adapters.trainer import BalancedSampler
 
 LABELS = ["red", "green", "blue"]
-QUICK = dict(learning_rate=5e-3, projector_lr=5e-3, disable_tqdm=True, logging_steps=100)
+# label_prior=False: a probe alone separates these colours perfectly, which would leave nothing for class
+# weights, calibration or abstention to change; these tests are about the LLM's own scores.
+QUICK = dict(learning_rate=5e-3, projector_lr=5e-3, disable_tqdm=True, logging_steps=100, label_prior=False)
 
 
 def two_colours(counts: dict[str, int], seed: int) -> datasets.Dataset:
@@ -295,7 +297,7 @@ def test_cli_train_with_the_howto_flags(tmp_path, llm_dir, vit_dir):
                "output_dir": str(tmp_path / "run"), "num_train_epochs": 2, "learning_rate": 5e-3,
                "projector_lr": 5e-3, "class_weight": "balanced", "calibrate": True, "eval_strategy": "epoch",
                "save_strategy": "epoch", "load_best_model_at_end": True, "metric_for_best_model": "roc_auc",
-               "disable_tqdm": True}
+               "disable_tqdm": True, "label_prior": False}
     (tmp_path / "train.json").write_text(json.dumps(options))
     assert main(["train", str(tmp_path / "train.json")]) == 0
     config = json.loads((tmp_path / "run" / "adapter" / CONFIG_NAME).read_text())

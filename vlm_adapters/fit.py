@@ -201,8 +201,8 @@ def fit(
         callbacks=callbacks, projector_lr=fit_options.projector_lr, eval_labels=names,
         sample_labels=row_labels(train_ds) if fit_options.balanced_sampling else None,
     )
-    if prior_data is not None:
-        model.label_prior = fit_label_prior(model, prior_data, eval_ds, gate_rows, names, args["seed"])
+    if prior_data is not None:  # the probe, weighted as the LLM's loss was; the gate on held-out rows
+        model.label_prior = fit_label_prior(model, prior_data, eval_ds, gate_rows, names, args["seed"], weights)
         result["label_prior_gate"] = float(model.label_prior.gate)
     if weights:
         result["class_weights"] = weights

@@ -79,13 +79,13 @@ class LabelPrior(nn.Module):
         return torch.tensor([self.labels.index(c) for c in candidates], device=self.weight.device)
 
     @classmethod
-    def fit(cls, pooled: np.ndarray, targets: np.ndarray, labels: Sequence[str], seed: int = 0
-            ) -> tuple[LabelPrior, np.ndarray]:
-        """The demo's probe on every row, calibrated on held-out predictions; returns it with each row's
-        held-out (out-of-fold) log-probabilities, calibrated the same way."""
-        held_out = out_of_fold_logits(pooled, targets, len(labels), seed=seed)
+    def fit(cls, pooled: np.ndarray, targets: np.ndarray, labels: Sequence[str], seed: int = 0,
+            class_weight: dict[int, float] | None = None) -> tuple[LabelPrior, np.ndarray]:
+        """The demo's probe on every row (weighted by fit's class_weight, as the LLM's loss is), calibrated
+        on held-out predictions; returns it with each row's held-out (out-of-fold) log-probabilities."""
+        held_out = out_of_fold_logits(pooled, targets, len(labels), seed=seed, class_weight=class_weight)
         temperature, floor = calibrate(held_out, targets)
-        weight, bias = _fold(_probe(seed).fit(pooled, targets), len(labels))
+        weight, bias = _fold(_probe(seed, class_weight=class_weight).fit(pooled, targets), len(labels))
         prior = cls(torch.from_numpy(weight / temperature), torch.from_numpy(bias / temperature), labels, floor)
         return prior, mixed_log_probs(torch.from_numpy(held_out / temperature), floor).numpy()
 
@@ -110,13 +110,14 @@ class LabelPrior(nn.Module):
         self.gate.fill_(gate)
 
 
-def _probe(seed: int = 0, c: float = 0.5):  # noqa: ANN202 - sklearn pipeline
-    """The demo's probe: `StandardScaler` + multinomial `LogisticRegression`."""
+def _probe(seed: int = 0, c: float = 0.5, class_weight: dict[int, float] | None = None):  # noqa: ANN202
+    """The demo's probe: `StandardScaler` + multinomial `LogisticRegression` (an sklearn pipeline)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=c, random_state=seed))
+    regression = LogisticRegression(max_iter=3000, C=c, random_state=seed, class_weight=class_weight)
+    return make_pipeline(StandardScaler(), regression)
 
 
 def _fold(probe, num_labels: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001 - sklearn pipeline
@@ -134,8 +135,8 @@ def _fold(probe, num_labels: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN
     return weight, bias
 
 
-def out_of_fold_logits(pooled: np.ndarray, targets: np.ndarray, num_labels: int, folds: int = 5, seed: int = 0
-                       ) -> np.ndarray:
+def out_of_fold_logits(pooled: np.ndarray, targets: np.ndarray, num_labels: int, folds: int = 5, seed: int = 0,
+                       class_weight: dict[int, float] | None = None) -> np.ndarray:
     """[N, K] each row's probe logits from a probe that did not see it: on its own training rows a probe
     is right and sure, which says nothing about new images."""
     from sklearn.model_selection import KFold, StratifiedKFold
@@ -149,7 +150,8 @@ def out_of_fold_logits(pooled: np.ndarray, targets: np.ndarray, num_labels: int,
     out = np.zeros((len(targets), num_labels))  # uniform where a fold's rows leave a single class
     for train, held in splits.split(pooled, targets):
         if len(set(targets[train].tolist())) > 1:
-            weight, bias = _fold(_probe(seed).fit(pooled[train], targets[train]), num_labels)
+            weight, bias = _fold(_probe(seed, class_weight=class_weight).fit(pooled[train], targets[train]),
+                                 num_labels)
             out[held] = pooled[held] @ weight.T + bias
     return out
 
@@ -263,12 +265,14 @@ def hold_out_gate_rows(data: datasets.Dataset, names: Sequence[str], share: floa
 
 
 def fit_label_prior(model: VisionLanguageCore, train: datasets.Dataset, eval_data: datasets.Dataset | None,
-                    gate_rows: np.ndarray | None, names: Sequence[str], seed: int, most: int = 500) -> LabelPrior:
+                    gate_rows: np.ndarray | None, names: Sequence[str], seed: int,
+                    class_weight: dict[str, float] | None = None, most: int = 500) -> LabelPrior:
     """The probe on every label row of `train` (cached features); the gate on `gate_rows` of `train` (kept
     out of the LLM's training) with their out-of-fold probe log-probs, else on the eval split's label
     rows, else on at most `most` training rows (a seeded draw; each costs one scoring pass of the LLM)."""
     rows, targets = label_rows(train, names)
-    prior, held_out = LabelPrior.fit(pooled_features(train, rows), targets, names, seed)
+    by_index = {names.index(label): w for label, w in class_weight.items()} if class_weight else None
+    prior, held_out = LabelPrior.fit(pooled_features(train, rows), targets, names, seed, by_index)
     prior.to(model.device)
     gate_data, picked = train, np.searchsorted(rows, gate_rows) if gate_rows is not None else None
     gate_targets = targets
