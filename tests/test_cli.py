@@ -273,7 +273,8 @@ def test_demo_runs_end_to_end_on_a_few_images(tmp_path, capsys):
     assert figures["train_loss"] > 0 and figures["reload_same_predictions"] is True
     assert len(figures["describe_examples"]) == 2 and all(e["text"] for e in figures["describe_examples"])
     assert set(os.listdir(out / "adapter")) == {"vlm_adapter_config.json", "projector.safetensors",
-                                                "adapter_config.json", "adapter_model.safetensors", "README.md"}
+                                                "adapter_config.json", "adapter_model.safetensors", "README.md",
+                                                "label_prior.safetensors"}
     assert (out / "confusion_matrix.png").exists() and (out / "roc_curve.png").exists()
     assert len(figures["mosaic_examples"]) == 2 and all(e["caption"] for e in figures["mosaic_examples"])
     assert 0 <= figures["mosaic_cells_right"] <= 1 and "mosaics: caption + answer (short)" in report["phases_s"]
