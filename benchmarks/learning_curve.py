@@ -69,11 +69,9 @@ def pooled(features: datasets.Dataset, chunk: int = 512) -> np.ndarray:
 
 def probe_accuracy(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int) -> float:
     """The demo's `linear_probe` on pooled features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from vlm_adapters.label_prior import probe_pipeline
 
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5, random_state=seed))
+    probe = probe_pipeline(seed)
     return float(probe.fit(x, y).score(x_test, y_test))
 
 

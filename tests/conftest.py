@@ -26,6 +26,13 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
+from vlm_adapters.demo.assets import FASHION_MNIST_ROOT
+
+# The real-data tests need Debian's dataset-fashion-mnist, which setup.sh installs.
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist"
+)
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

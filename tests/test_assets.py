@@ -33,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from conftest import needs_fashion_mnist
 from PIL import Image
 
 from vlm_adapters.demo import assets
@@ -43,10 +44,6 @@ from vlm_adapters.demo.assets import (
     smollm2_instruct,
 )
 from vlm_adapters.files import write_folder_atomically
-
-needs_fashion_mnist = pytest.mark.skipif(
-    not os.path.isdir(assets.FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist"
-)
 
 
 @pytest.fixture(scope="session")

@@ -40,11 +40,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import COLOURS, colour_image, uploaded_files
+from conftest import COLOURS, colour_image, needs_fashion_mnist, uploaded_files
 
 from vlm_adapters import attach, load
 from vlm_adapters.cli import COMMANDS, main
-from vlm_adapters.demo.assets import FASHION_MNIST_LABELS, FASHION_MNIST_ROOT
+from vlm_adapters.demo.assets import FASHION_MNIST_LABELS
 from vlm_adapters.sources import load_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,7 +256,7 @@ def test_convert_gguf_prints_the_converted_folder_in_the_cache_it_is_given(tmp_p
     assert AutoTokenizer.from_pretrained(printed).chat_template
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_demo_runs_end_to_end_on_a_few_images(tmp_path, capsys):
     """The real assets (SmolLM2 NF4 + LoRA, EfficientNet-Lite0, Fashion-MNIST) on 2 + 1 images per class."""
     out = tmp_path / "demo"
@@ -281,7 +281,7 @@ def test_demo_runs_end_to_end_on_a_few_images(tmp_path, capsys):
     assert "| VLM accuracy (label scoring, 10 test images) |" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_demo_mosaic_runs_end_to_end_on_a_few_mosaics(tmp_path, capsys):
     out, results = tmp_path / "mosaic", tmp_path / "docs" / "results.md"
     results.parent.mkdir()

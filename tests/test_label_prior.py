@@ -10,7 +10,14 @@ from conftest import colour_dataset
 
 from vlm_adapters import attach, load
 from vlm_adapters.hub import AdapterLoadError
-from vlm_adapters.label_prior import LabelPrior, _probe, calibrate, mixed_log_probs, out_of_fold_logits, save_prior
+from vlm_adapters.label_prior import (
+    LabelPrior,
+    calibrate,
+    mixed_log_probs,
+    out_of_fold_logits,
+    probe_pipeline,
+    save_prior,
+)
 
 LABELS = ["red", "green", "blue"]
 PROMPT = "What is shown in this image?"
@@ -35,7 +42,7 @@ def test_closed_gate_scores_and_predicts_as_the_probe(llm_dir, vit_dir, data):
     images, targets = data
     model = attach(vit_dir, llm_dir)
     features, pooled, _ = _with_prior(model, images, targets)
-    probe = _probe().fit(pooled, targets)
+    probe = probe_pipeline().fit(pooled, targets)
     temperature, floor = calibrate(out_of_fold_logits(pooled, targets, 3), targets)
     logits = torch.from_numpy(probe.decision_function(pooled) / temperature).float()
     torch.testing.assert_close(model.score_labels(features, LABELS, PROMPT), mixed_log_probs(logits, floor),
@@ -151,5 +158,5 @@ def test_class_weight_reaches_the_probe():
     weighted, _ = LabelPrior.fit(pooled, targets, labels, class_weight=weights)
     features = torch.from_numpy(pooled)[:, None]
     predicted = weighted.log_probs(features, labels).argmax(-1).numpy()
-    assert predicted.tolist() == _probe(class_weight=weights).fit(pooled, targets).predict(pooled).tolist()
+    assert predicted.tolist() == probe_pipeline(class_weight=weights).fit(pooled, targets).predict(pooled).tolist()
     assert (predicted == 1).sum() > (plain.log_probs(features, labels).argmax(-1).numpy() == 1).sum()

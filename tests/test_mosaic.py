@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import needs_fashion_mnist
 
 from vlm_adapters.demo import assets
 from vlm_adapters.demo.mosaic_data import (
@@ -23,9 +24,6 @@ from vlm_adapters.demo.mosaic_data import (
 )
 from vlm_adapters.demo.mosaic_report import SECTION_END, SECTION_START, write_results_section
 
-needs_fashion_mnist = pytest.mark.skipif(
-    not os.path.isdir(assets.FASHION_MNIST_ROOT), reason="apt-get install dataset-fashion-mnist"
-)
 HAND_MADE = ["Sneaker", "Bag", "Sandal", "Trouser"]
 
 

@@ -85,7 +85,7 @@ class LabelPrior(nn.Module):
         on held-out predictions; returns it with each row's held-out (out-of-fold) log-probabilities."""
         held_out = out_of_fold_logits(pooled, targets, len(labels), seed=seed, class_weight=class_weight)
         temperature, floor = calibrate(held_out, targets)
-        weight, bias = _fold(_probe(seed, class_weight=class_weight).fit(pooled, targets), len(labels))
+        weight, bias = _fold(probe_pipeline(seed, class_weight=class_weight).fit(pooled, targets), len(labels))
         prior = cls(torch.from_numpy(weight / temperature), torch.from_numpy(bias / temperature), labels, floor)
         return prior, mixed_log_probs(torch.from_numpy(held_out / temperature), floor).numpy()
 
@@ -110,8 +110,9 @@ class LabelPrior(nn.Module):
         self.gate.fill_(gate)
 
 
-def _probe(seed: int = 0, c: float = 0.5, class_weight: dict[int, float] | None = None):  # noqa: ANN202
-    """The demo's probe: `StandardScaler` + multinomial `LogisticRegression` (an sklearn pipeline)."""
+def probe_pipeline(seed: int = 0, c: float = 0.5, class_weight: dict[int, float] | None = None):  # noqa: ANN201
+    """The linear probe every comparison uses (the demo, the mosaic task, the learning curve, the label prior):
+    `StandardScaler` + multinomial `LogisticRegression`, an unfitted sklearn pipeline."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -150,7 +151,7 @@ def out_of_fold_logits(pooled: np.ndarray, targets: np.ndarray, num_labels: int,
     out = np.zeros((len(targets), num_labels))  # uniform where a fold's rows leave a single class
     for train, held in splits.split(pooled, targets):
         if len(set(targets[train].tolist())) > 1:
-            weight, bias = _fold(_probe(seed, class_weight=class_weight).fit(pooled[train], targets[train]),
+            weight, bias = _fold(probe_pipeline(seed, class_weight=class_weight).fit(pooled[train], targets[train]),
                                  num_labels)
             out[held] = pooled[held] @ weight.T + bias
     return out

@@ -21,6 +21,7 @@ import torch
 
 from ..builder import attach, load
 from ..features import FEATURES_COLUMN, with_image_features
+from ..label_prior import probe_pipeline
 from .assets import efficientnet_lite0, fashion_mnist, smollm2_instruct
 from .mosaic_data import build_mosaics, caption, parse_answer, parse_caption, task_rows
 
@@ -71,14 +72,10 @@ def phase(report: DemoReport, name: str) -> Iterator[None]:
 
 def linear_probe(train: Any, test: Any, seed: int) -> float:
     """Logistic regression on mean-pooled frozen features: the floor the VLM has to reach."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     def pooled(ds: Any) -> np.ndarray:
         return np.asarray(ds.with_format("numpy")[FEATURES_COLUMN]).mean(axis=1)
 
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5, random_state=seed))
+    probe = probe_pipeline(seed)
     probe.fit(pooled(train), np.asarray(train["label"]))
     return float(probe.score(pooled(test), np.asarray(test["label"])))
 

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ..builder import attach
 from ..features import FEATURES_COLUMN
+from ..label_prior import probe_pipeline
 from .assets import FASHION_MNIST_LABELS, efficientnet_lite0, fashion_mnist, smollm2_instruct
 from .classification import DemoReport, phase
 from .mosaic_data import CAPTION_PROMPT, build_mosaics, caption_metrics, question_metrics, task_rows
@@ -87,14 +88,10 @@ def feature_rows(rows: Sequence[dict[str, Any]], features: torch.Tensor) -> Any:
 def linear_probe(train: torch.Tensor, train_cells: list, test: torch.Tensor, test_cells: list, seed: int) -> dict:
     """The demo's probe (StandardScaler + LogisticRegression on mean-pooled features) per cell: the
     features of each cell's quarter of the mosaic's feature map, averaged."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     def cell_vectors(features: torch.Tensor) -> np.ndarray:
         return pool_tokens(features, 4).reshape(-1, features.shape[-1]).numpy()
 
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.5, random_state=seed))
+    probe = probe_pipeline(seed)
     probe.fit(cell_vectors(train), np.concatenate(train_cells))
     hits = probe.predict(cell_vectors(test)) == np.concatenate(test_cells)
     p = float(hits.mean())
