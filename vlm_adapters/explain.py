@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from .files import write_file_atomically
 from .images import ImageInput, load_image
 from .inference import inference
 from .modeling import VisionLanguageCore
@@ -54,10 +55,9 @@ class Explanation:
         return Image.fromarray(np.round(blended).clip(0, 255).astype(np.uint8))
 
     def save(self, path: str | os.PathLike, alpha: float = 0.6, colormap: str = "jet") -> str:
-        """Write the overlay as a PNG of the image's size; returns the path."""
-        path = os.fspath(path)
-        self.overlay(alpha, colormap).save(path, format="PNG")
-        return path
+        """Write the overlay as a PNG of the image's size (whole or not at all); returns the path."""
+        overlay = self.overlay(alpha, colormap)
+        return write_file_atomically(os.fspath(path), lambda staging: overlay.save(staging, format="PNG"))
 
 
 @inference
