@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import write_file_atomically
 from .mosaic_data import QUESTION_TYPES
 
 SECTION_START = "<!-- mosaic: written by `vlm-adapters demo mosaic` -->"
@@ -112,5 +113,9 @@ def write_results_section(path: str, table: str, png: str) -> None:
         text = before + section + rest.split(SECTION_END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
+
+    def write(staging: str) -> None:
+        with open(staging, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    write_file_atomically(path, write)  # the rest of results.md is kept, so never leave it half-written
