@@ -206,12 +206,12 @@ def load_prior(path: str, labels: Sequence[str] | None) -> LabelPrior:
 
 
 def label_rows(data: datasets.Dataset, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, class indices) of the rows whose label is one of `names` (answer rows left out)."""
-    from .data import label_text
+    """(indices, class indices) of the label rows (answer rows left out); `names` are the adapter's labels."""
+    from .data import label_indices
 
-    labels = data.with_format(None)["label"]
-    keep = [i for i, label in enumerate(labels) if label is not None and label_text(label, names) in names]
-    return np.array(keep, dtype=int), np.array([list(names).index(label_text(labels[i], names)) for i in keep])
+    indices = label_indices(data, names)
+    keep = [i for i, index in enumerate(indices) if index is not None]
+    return np.array(keep, dtype=int), np.array([indices[i] for i in keep], dtype=int)
 
 
 def pooled_features(data: datasets.Dataset, rows: np.ndarray, chunk: int = 256) -> np.ndarray:
@@ -277,8 +277,9 @@ def fit_label_prior(model: VisionLanguageCore, train: datasets.Dataset, eval_dat
     prior.to(model.device)
     gate_data, picked = train, np.searchsorted(rows, gate_rows) if gate_rows is not None else None
     gate_targets = targets
-    if picked is None and eval_data is not None and len(label_rows(eval_data, names)[0]):
-        gate_data, (rows, gate_targets) = eval_data, label_rows(eval_data, names)
+    eval_rows = label_rows(eval_data, names) if picked is None and eval_data is not None else None
+    if eval_rows is not None and len(eval_rows[0]):
+        gate_data, (rows, gate_targets) = eval_data, eval_rows
         probe = prior.log_probs(torch.from_numpy(pooled_features(eval_data, rows))[:, None], names)
         held_out = probe.double().cpu().numpy()
     if picked is None:
