@@ -288,7 +288,8 @@ def test_demo_mosaic_runs_end_to_end_on_a_few_mosaics(tmp_path, capsys):
     results.write_text("# Demo results\n\nthe classification demo's table\n")
     assert main(["demo", "mosaic", "--output_dir", str(out), "--results_md", str(results), "--train_mosaics", "6",
                  "--test_mosaics", "3", "--baseline_mosaics", "2", "--classifier_per_class", "1",
-                 "--max_new_tokens", "6", "--answer_max_new_tokens", "2"]) == 0
+                 "--max_new_tokens", "6", "--answer_max_new_tokens", "2", "--worked_max_new_tokens", "4",
+                 "--questions_per_mosaic", "1", "--test_questions_per_mosaic", "2"]) == 0
     figures = json.loads((out / "report.json").read_text())["figures"]
     assert figures["probe"]["n"] == 12 and figures["trained"]["caption"]["per_cell"]["n"] == 12
     assert figures["zero_shot"]["caption"]["per_cell"]["n"] == 8 == figures["classifier"]["caption"]["per_cell"]["n"]

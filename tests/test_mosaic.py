@@ -21,6 +21,7 @@ from vlm_adapters.demo.mosaic_data import (
     parse_caption,
     question_metrics,
     task_rows,
+    worked_answer,
 )
 from vlm_adapters.demo.mosaic_report import SECTION_END, SECTION_START, write_results_section
 
@@ -123,9 +124,35 @@ def test_task_rows_hold_a_caption_and_every_question_type() -> None:
     assert sorted(r["question_type"] for r in rows[1:5]) == sorted(["what", "yes_no", "count", "where"])
     assert [r["question_type"] for r in rows[6:]].count("what") == 2  # four coats: no "where" question
     assert task_rows(mosaics, 4, seed=0) == rows
-    listed = task_rows(mosaics, 4, seed=0, cells_first=True)
+    listed = task_rows(mosaics, 4, seed=0, answer_style="listed")
     assert [r["truth"] for r in listed] == [r["truth"] for r in rows]
     assert listed[1]["answer"] == f"{text}. Answer: {rows[1]['truth']}"
+    worked = task_rows(mosaics, 4, seed=0, answer_style="worked")
+    assert [r["truth"] for r in worked] == [r["truth"] for r in rows] and worked[0] == rows[0]
+    for row in (r for r in worked if r["question_type"] != "caption"):  # each parses to its own truth
+        assert parse_answer(row["question_type"], row["answer"]) == row["truth"], row
+    with pytest.raises(ValueError, match="answer_style"):
+        task_rows(mosaics, 1, answer_style="chatty")
+
+
+def test_worked_answers_walk_the_cells_with_a_running_value() -> None:
+    """Each step names a cell and the value so far: found yet, shoes so far, where found."""
+    cells = ["Sneaker", "Bag", "T-shirt/top", "Ankle boot"]
+    assert worked_answer("what", "What is in the bottom left?", "T-shirt/top", cells) == (
+        "bottom left: T-shirt/top. Answer: T-shirt/top"
+    )
+    assert worked_answer("yes_no", "Is there a t-shirt/top?", "yes", cells) == (
+        "top left: Sneaker, no; top right: Bag, no; bottom left: T-shirt/top, yes; bottom right: Ankle boot, yes. "
+        "Answer: yes"
+    )
+    assert worked_answer("yes_no", "Is there a shirt?", "no", cells).endswith("Ankle boot, no. Answer: no")
+    assert worked_answer("count", "How many shoes are there?", "2", cells) == (
+        "top left: Sneaker, 1; top right: Bag, 1; bottom left: T-shirt/top, 1; bottom right: Ankle boot, 2. Answer: 2"
+    )
+    assert worked_answer("where", "Where is the bag?", "top right", cells) == (
+        "top left: Sneaker, none; top right: Bag, top right; bottom left: T-shirt/top, top right; "
+        "bottom right: Ankle boot, top right. Answer: top right"
+    )
 
 
 def test_answers_parse_forgivingly() -> None:

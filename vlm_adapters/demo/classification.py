@@ -47,6 +47,7 @@ class DemoOptions:
     # fit's label prior (label_prior.py); docs/results.md has the demo with it on (0.868) and off (0.852).
     label_prior: bool = True
     mosaic_train: int = 200
+    mosaic_questions: int = 2  # per training mosaic, worked answers (mosaic_data.worked_answer)
     mosaic_test: int = 20
     seed: int = 0
 
@@ -183,10 +184,10 @@ def _save_and_reload(
 
 def _mosaics(report: DemoReport, model: Any, opts: DemoOptions) -> None:
     """The language half, briefly: the classifier goes on to caption 2x2 Fashion-MNIST mosaics and to
-    answer a question about each after naming its cells; `vlm-adapters demo mosaic` is the full task."""
+    answer questions about them, reasoning cell by cell; `vlm-adapters demo mosaic` is the full task."""
     with phase(report, "mosaics: caption + answer (short)"):
         train = build_mosaics("train", opts.mosaic_train, opts.seed)
-        rows = task_rows(train, 1, opts.seed, cells_first=True)
+        rows = task_rows(train, opts.mosaic_questions, opts.seed, answer_style="worked")
         data = train.select([r["mosaic"] for r in rows]).remove_columns("cells")
         for column in ("prompt", "answer"):
             data = data.add_column(column, [r[column] for r in rows])
@@ -200,7 +201,7 @@ def _mosaics(report: DemoReport, model: Any, opts: DemoOptions) -> None:
         # answers only for the examples shown: each distinct question is a generation loop of its own
         shown = test.select(range(min(4, len(test))))
         asked = [r for r in task_rows(shown, 1, opts.seed + 1) if r["question_type"] != "caption"]
-        answers = model.answer(list(shown["image"]), [q["prompt"] for q in asked], max_new_tokens=48)
+        answers = model.answer(list(shown["image"]), [q["prompt"] for q in asked], max_new_tokens=64)
     named = [t == g for row, text in zip(test["cells"], captions) for t, g in zip(row, parse_caption(text))]
     examples = [
         {"truth": caption(c), "caption": t, "question": q["prompt"], "answer_truth": q["truth"],

@@ -37,9 +37,9 @@ class MosaicOptions:
     train_mosaics: int = 500
     test_mosaics: int = 100
     baseline_mosaics: int = 20
-    questions_per_mosaic: int = 1
-    test_questions_per_mosaic: int = 2
-    cells_first: bool = True
+    questions_per_mosaic: int = 4
+    test_questions_per_mosaic: int = 4
+    answer_style: str = "worked"
     image_size: int = 320
     num_image_tokens: int = 16
     num_train_epochs: float = 1.0
@@ -50,6 +50,7 @@ class MosaicOptions:
     classifier_per_class: int = 20
     max_new_tokens: int = 40
     answer_max_new_tokens: int = 8
+    worked_max_new_tokens: int = 64
     system_prompt: str = "You describe images."
     image_first: bool = True
     compute_dtype: str = "auto"
@@ -115,13 +116,13 @@ def generate(model: Any, features: torch.Tensor, prompts: Sequence[str], max_new
 
 
 def score(
-    model: Any, features: torch.Tensor, cells: list, questions: list[dict], opts: MosaicOptions, listed: bool = False
+    model: Any, features: torch.Tensor, cells: list, questions: list[dict], opts: MosaicOptions, reasons: bool = False
 ) -> dict:
     """Caption and per-question-type metrics of one model on the first len(cells) test mosaics. A model
-    trained to name the cells before its answer (`listed`) gets the caption's tokens on top."""
+    trained to reason before its answer (`reasons`) gets `worked_max_new_tokens` for it."""
     captions = generate(model, features[: len(cells)], [CAPTION_PROMPT] * len(cells), opts.max_new_tokens)
     questions = [q for q in questions if q["mosaic"] < len(cells)]
-    answer_tokens = opts.answer_max_new_tokens + (opts.max_new_tokens if listed else 0)
+    answer_tokens = opts.worked_max_new_tokens if reasons else opts.answer_max_new_tokens
     picked = features[[q["mosaic"] for q in questions]]
     answers = generate(model, picked, [q["prompt"] for q in questions], answer_tokens)
     return {
@@ -193,12 +194,13 @@ def run_mosaic_demo(options: MosaicOptions | None = None) -> DemoReport:
         classifier = classification_only(opts, encoder, processor, llm_path)
         res["classifier"] = score(classifier, test_features, few, questions, opts)
     with phase(report, "fine-tune on captions + questions"):
-        rows = task_rows(train, opts.questions_per_mosaic, opts.seed, cells_first=opts.cells_first)
+        rows = task_rows(train, opts.questions_per_mosaic, opts.seed, answer_style=opts.answer_style)
         dataset = feature_rows(rows, pool_tokens(train_maps, opts.num_image_tokens))
         fitted = model.fit(dataset, **train_args(opts, opts.output_dir + "/run"))
         res["train"] = {"rows": len(rows), "train_loss": fitted["train_loss"]}
     with phase(report, "evaluate"):
-        res["trained"] = score(model, test_features, test["cells"], questions, opts, listed=opts.cells_first)
+        reasons = opts.answer_style != "short"
+        res["trained"] = score(model, test_features, test["cells"], questions, opts, reasons=reasons)
     res["process_cpu_s"] = round(time.process_time() - cpu_start, 1)
     res["torch_threads"] = torch.get_num_threads()
     res["examples"] = examples(test["cells"], questions, res["trained"])

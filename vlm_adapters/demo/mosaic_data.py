@@ -82,17 +82,46 @@ def ask(kind: str, cells: Sequence[str], rng: np.random.Generator) -> tuple[str,
     raise ValueError(f"unknown question type {kind!r}; use one of {QUESTION_TYPES}.")
 
 
+def worked_answer(kind: str, question: str, short: str, cells: Sequence[str]) -> str:
+    """The answer with its reasoning, cell by cell, before "Answer:". A 135M LLM fine-tuned on short
+    answers learns their prior, not the lookup (benchmarks/mosaic_experiments.md); here every step is
+    local: name the cell the question points at, or walk the cells in reading order carrying a running
+    value (found yet / shoes so far / where found), so the answer copies the last value."""
+    if kind == "what":
+        position = _POSITION_RE.search(question.lower())[0]
+        return f"{position}: {cells[POSITIONS.index(position)]}. Answer: {short}"
+    subject = match_class(question) if kind != "count" else None
+    value: str | int = {"yes_no": "no", "count": 0, "where": "none"}[kind]
+    steps = []
+    for position, name in zip(POSITIONS, cells, strict=True):
+        if kind == "count":
+            value = int(value) + (name in SHOES)
+        elif name == subject:
+            value = "yes" if kind == "yes_no" else position
+        steps.append(f"{position}: {name}, {value}")
+    return f"{'; '.join(steps)}. Answer: {short}"
+
+
+ANSWER_STYLES = {
+    "short": lambda kind, question, short, cells: short,
+    "listed": lambda kind, question, short, cells: f"{caption(cells)}. Answer: {short}",
+    "worked": worked_answer,
+}
+
+
 def task_rows(
     mosaics: datasets.Dataset,
     questions: int,
     seed: int = 0,
     caption_prompt: str = CAPTION_PROMPT,
-    cells_first: bool = False,
+    answer_style: str = "short",
 ) -> list[dict[str, Any]]:
     """Free-text rows (`mosaic` index, `prompt`, `answer` to train on, short `truth`, `question_type`,
     `cells`): per mosaic one caption and `questions` questions, their types cycling through
-    QUESTION_TYPES from a seeded start. With `cells_first`, an answer first names every cell (the
-    caption), then gives the short answer after "Answer:"."""
+    QUESTION_TYPES from a seeded start. `answer_style`: "short" (the answer alone), "listed" (every
+    cell named, then "Answer: ..."), "worked" (`worked_answer`)."""
+    if answer_style not in ANSWER_STYLES:
+        raise ValueError(f"unknown answer_style {answer_style!r}; use one of {sorted(ANSWER_STYLES)}.")
     rng = np.random.default_rng(seed)
     rows = []
     for index, cells in enumerate(mosaics["cells"]):
@@ -103,7 +132,7 @@ def task_rows(
         start = int(rng.integers(len(QUESTION_TYPES)))
         for k in range(questions):
             kind, prompt, short = ask(QUESTION_TYPES[(start + k) % len(QUESTION_TYPES)], cells, rng)
-            answer = f"{text}. Answer: {short}" if cells_first else short
+            answer = ANSWER_STYLES[answer_style](kind, prompt, short, cells)
             rows.append(dict(mosaic=index, prompt=prompt, answer=answer, truth=short, question_type=kind, cells=cells))
     return rows
 
