@@ -106,15 +106,18 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (compute dtype, size): means +- standard errors over seeds, and the paired VLM - probe."""
     rows = []
-    for size in sorted({r["size"] for r in records}):
-        runs = [r for r in records if r["size"] == size]
-        row = {"size": size, "runs": len(runs), "fit_s": float(np.mean([r["fit_s"] for r in runs]))}
+    for dtype, size in sorted({(r["compute_dtype"], r["size"]) for r in records}):
+        runs = [r for r in records if r["size"] == size and r["compute_dtype"] == dtype]
+        row = {"size": size, "dtype": dtype, "runs": len(runs), "fit_s": float(np.mean([r["fit_s"] for r in runs]))}
         gates = [r["gate"] for r in runs if r.get("gate") is not None]
         row["gate"] = f"{np.mean(gates):.2f} ({min(gates):.2f}-{max(gates):.2f})" if gates else "-"
-        for key in ("vlm", "probe", "zero_shot"):
-            values = [r[key] for r in records if key in r and (r["size"] == size or key == "zero_shot")]
-            row[key] = mean_se(values) if values else None
+        row["paired"] = mean_se([r["vlm"] - r["probe"] for r in runs])
+        for key in ("vlm", "probe"):
+            row[key] = mean_se([r[key] for r in runs])
+        zero_shot = [r["zero_shot"] for r in records if "zero_shot" in r and r["compute_dtype"] == dtype]
+        row["zero_shot"] = mean_se(zero_shot) if zero_shot else None
         rows.append(row)
     return rows
 
@@ -124,14 +127,14 @@ def table(rows: list[dict[str, Any]]) -> str:
         return "-" if value is None else f"{100 * value[0]:.1f} +- {100 * value[1]:.1f}"
 
     lines = [
-        "| train images per class | seeds | VLM | linear probe | VLM - probe | untrained VLM | gate, mean (range) "
-        "| fit wall s (1 thread) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| compute dtype | train images per class | seeds | VLM | linear probe | VLM - probe, paired by seed "
+        "| untrained VLM | gate, mean (range) | fit wall s (1 thread) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        diff = 100 * (r["vlm"][0] - r["probe"][0])
+        paired = f"{100 * r['paired'][0]:+.1f} +- {100 * r['paired'][1]:.1f}"
         lines.append(
-            f"| {r['size']} | {r['runs']} | {cell(r['vlm'])} | {cell(r['probe'])} | {diff:+.1f} "
+            f"| {r['dtype']} | {r['size']} | {r['runs']} | {cell(r['vlm'])} | {cell(r['probe'])} | {paired} "
             f"| {cell(r['zero_shot'])} | {r['gate']} | {r['fit_s']:.0f} |"
         )
     return "\n".join(lines)
@@ -144,13 +147,15 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    sizes = [r["size"] for r in rows]
-    curves = (("vlm", "VLM (attach + fit defaults)"), ("probe", "linear probe"), ("zero_shot", "untrained VLM"))
-    for key, name in curves:
-        if any(r[key] is None for r in rows):
+    dtypes = sorted({r["dtype"] for r in rows})
+    curves = [(d, "vlm", f"VLM (attach + fit defaults), {d}") for d in dtypes]
+    curves += [(dtypes[0], "probe", "linear probe"), (dtypes[0], "zero_shot", "untrained VLM")]
+    for dtype, key, name in curves:
+        points = [r for r in rows if r["dtype"] == dtype]
+        if any(r[key] is None for r in points):
             continue
-        ax.errorbar(sizes, [100 * r[key][0] for r in rows], yerr=[100 * r[key][1] for r in rows], marker="o",
-                    capsize=3, label=name)
+        ax.errorbar([r["size"] for r in points], [100 * r[key][0] for r in points],
+                    yerr=[100 * r[key][1] for r in points], marker="o", capsize=3, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("training images per class")
     ax.set_ylabel("test accuracy (%)")
@@ -173,7 +178,7 @@ def write_section(args: argparse.Namespace, rows: list[dict[str, Any]], test_siz
         f"`attach(...)` as the demo does, then `fit(train)` with default options, on `fashion_mnist('train', "
         f"per_class=n, seed=s)` for seeds {args.seeds}; the same {test_size} t10k test images for every run. Mean "
         "+- one standard error over the seeds; the probe is the demo's (standardised mean-pooled features, "
-        f"logistic regression). Compute dtype: {args.compute_dtype}. Command: `{command}`{took}.",
+        f"logistic regression). Compute dtype: the table's column. Command: `{command}`{took}.",
         "",
         table(rows),
         "",
