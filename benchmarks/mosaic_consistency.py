@@ -1,5 +1,6 @@
-"""Where the mosaic questions fail: from a `vlm-adapters demo mosaic` report (trained with the cells listed
-before the answer), compare each generated answer with the answer its own listed cells imply.
+"""Where the mosaic questions fail: from a `vlm-adapters demo mosaic` report (trained with the cells named
+before the answer: `answer_style` "listed" or "worked"), compare each generated answer with the answer its
+own named cells imply.
 
     python benchmarks/mosaic_consistency.py [runs/mosaic/report.json]
 

@@ -185,7 +185,7 @@ def _save_and_reload(
 def _mosaics(report: DemoReport, model: Any, opts: DemoOptions) -> None:
     """The language half, briefly: the classifier goes on to caption 2x2 Fashion-MNIST mosaics and to
     answer questions about them, reasoning cell by cell; `vlm-adapters demo mosaic` is the full task."""
-    with phase(report, "mosaics: caption + answer (short)"):
+    with phase(report, "mosaics: caption + worked answers"):
         train = build_mosaics("train", opts.mosaic_train, opts.seed)
         rows = task_rows(train, opts.mosaic_questions, opts.seed, answer_style="worked")
         data = train.select([r["mosaic"] for r in rows]).remove_columns("cells")

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,10 +37,12 @@ class MosaicOptions:
     results_md: str | None = _option("docs/results.md", "markdown file whose mosaic section is rewritten; none: skip")
     train_mosaics: int = _option(500, "training mosaics (four Fashion-MNIST train items each)")
     test_mosaics: int = _option(100, "test mosaics (t10k items) for the fine-tuned model")
-    baseline_mosaics: int = _option(20, "test mosaics the zero-shot and classification-only baselines answer")
-    questions_per_mosaic: int = _option(4, "training questions per mosaic, besides its caption")
+    baseline_mosaics: int = _option(10, "test mosaics the zero-shot and classification-only baselines answer")
+    questions_per_mosaic: int = _option(3, "training questions per mosaic, besides its caption")
     test_questions_per_mosaic: int = _option(4, "test questions per mosaic (types cycle: what, yes/no, count, where)")
-    answer_style: str = _option("worked", "question targets: short, listed (caption first) or worked (cell by cell)")
+    answer_style: Literal["short", "listed", "worked"] = _option(
+        "worked", "question targets: short, listed (caption first) or worked (cell by cell)"
+    )
     image_size: int = _option(320, "encoder input size in pixels (320: a 10x10 map, 5x5 per cell)")
     num_image_tokens: int = _option(16, "image tokens per mosaic")
     num_train_epochs: float = _option(1.0, "epochs over the caption + question rows")
