@@ -277,7 +277,7 @@ def test_demo_runs_end_to_end_on_a_few_images(tmp_path, capsys):
                                                 "label_prior.safetensors"}
     assert (out / "confusion_matrix.png").exists() and (out / "roc_curve.png").exists()
     assert len(figures["mosaic_examples"]) == 2 and all(e["caption"] for e in figures["mosaic_examples"])
-    assert 0 <= figures["mosaic_cells_right"] <= 1 and "mosaics: caption + answer (short)" in report["phases_s"]
+    assert 0 <= figures["mosaic_cells_right"] <= 1 and "mosaics: caption + worked answers" in report["phases_s"]
     assert "| VLM accuracy (label scoring, 10 test images) |" in capsys.readouterr().out
 
 
