@@ -35,9 +35,6 @@ if TYPE_CHECKING:
 
 PRIOR_FILE = "label_prior.safetensors"
 CHI2_1DOF_95 = 3.841  # the 95% quantile of chi-square with one degree of freedom
-# Fewer held-out rows per class than this and the gate stays closed: on 2 rows per class a likelihood gain
-# that passed the test still cost accuracy (docs/results.md, learning curve, float32 at 10 per class).
-MIN_GATE_ROWS_PER_CLASS = 5
 
 
 class LabelPrior(nn.Module):
@@ -96,8 +93,8 @@ class LabelPrior(nn.Module):
         """Centre each label's LLM scores on these rows' mean, then pick the gate in [0, 4] that maximises
         the log-likelihood of the true labels under probe + gate * centred LLM (a 1-D convex problem).
         The gate opens only if the LLM's gain passes a likelihood-ratio test (chi-square, one degree of
-        freedom, 5%) on at least MIN_GATE_ROWS_PER_CLASS rows per class: from a few held-out rows the
-        optimum is noisy, and a gate opened on noise costs accuracy where the probe is better than the LLM."""
+        freedom, 5%): from a few held-out rows the optimum is noisy, and a gate opened on noise costs
+        accuracy where the probe is better than the LLM."""
         from scipy.optimize import minimize_scalar
         from scipy.special import log_softmax
 
@@ -108,8 +105,7 @@ class LabelPrior(nn.Module):
             return -log_softmax(probe_log_probs + gate * centred, axis=1)[truth].mean()
 
         best = minimize_scalar(nll, bounds=(0.0, 4.0), method="bounded").x
-        enough = len(targets) >= MIN_GATE_ROWS_PER_CLASS * len(np.unique(targets))
-        gate = float(best) if enough and 2 * len(targets) * (nll(0.0) - nll(best)) > CHI2_1DOF_95 else 0.0
+        gate = float(best) if 2 * len(targets) * (nll(0.0) - nll(best)) > CHI2_1DOF_95 else 0.0
         self.center.copy_(torch.from_numpy(center))
         self.gate.fill_(gate)
 
