@@ -225,6 +225,19 @@ def test_forward_loss_only_on_answer_tokens_and_plain_torch_loop(llm_dir, vit_di
     assert losses[-1] < losses[0] - 0.3, losses
 
 
+def _padded_token_losses(model, batch: dict, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain reference: every padded row through the LLM on its own; (cross-entropy of each
+    supervised token, the [B, T-1] mask of supervised positions)."""
+    embeds = model.embed(batch["input_ids"], model.image_embeddings(image_features=features))
+    mask = batch["attention_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    targets = batch["labels"][:, 1:]
+    supervised = targets != IGNORE_INDEX
+    logits = logits[:, :-1][supervised].float()
+    return torch.nn.functional.cross_entropy(logits, targets[supervised], reduction="none"), supervised
+
+
 @pytest.mark.parametrize("adapter", ["lora", "prefix"])
 def test_packed_training_forward_equals_the_padded_batch(llm_dir, vit_dir, images, adapter):
     """The packed forward (shared heads, no padding) gives the loss and gradients of running every
@@ -240,13 +253,7 @@ def test_packed_training_forward_equals_the_padded_batch(llm_dir, vit_dir, image
     features = model.vision.encode_images((images * 2)[:8])
     packed = model(**batch, image_features=features)
     grad_packed = torch.autograd.grad(packed.loss, model.projector.proj[0].weight)[0]
-    embeds = model.embed(batch["input_ids"], model.image_embeddings(image_features=features))
-    mask = batch["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-    targets = batch["labels"][:, 1:]
-    supervised = targets != IGNORE_INDEX
-    plain = torch.nn.functional.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised])
+    plain = _padded_token_losses(model, batch, features)[0].mean()
     grad_plain = torch.autograd.grad(plain, model.projector.proj[0].weight)[0]
     assert packed.loss.item() == pytest.approx(plain.item(), abs=1e-4)
     torch.testing.assert_close(grad_packed, grad_plain, rtol=1e-3, atol=1e-5)
@@ -264,15 +271,8 @@ def test_packed_weighted_loss_equals_the_padded_weighted_loss(llm_dir, vit_dir, 
     features = model.vision.encode_images(images[:3])
     packed = model(**batch, image_features=features, row_weights=weights)
     grad_packed = torch.autograd.grad(packed.loss, model.projector.proj[0].weight)[0]
-    embeds = model.embed(batch["input_ids"], model.image_embeddings(image_features=features))
-    mask = batch["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-    targets = batch["labels"][:, 1:]
-    supervised = targets != IGNORE_INDEX
-    token_loss = torch.nn.functional.cross_entropy(logits[:, :-1][supervised].float(), targets[supervised],
-                                                   reduction="none")
-    plain = (token_loss * weights[:, None].expand_as(targets)[supervised]).mean()
+    token_loss, supervised = _padded_token_losses(model, batch, features)
+    plain = (token_loss * weights[:, None].expand_as(supervised)[supervised]).mean()
     grad_plain = torch.autograd.grad(plain, model.projector.proj[0].weight)[0]
     assert packed.loss.item() == pytest.approx(plain.item(), abs=1e-4)
     torch.testing.assert_close(grad_packed, grad_plain, rtol=1e-3, atol=1e-5)
