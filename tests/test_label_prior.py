@@ -6,15 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import colour_dataset
+from conftest import colour_dataset, colour_image
 
 from vlm_adapters import attach, load
 from vlm_adapters.hub import AdapterLoadError
 from vlm_adapters.label_prior import (
+    MIN_GATE_ROWS_PER_CLASS,
     LabelPrior,
     calibrate,
     mixed_log_probs,
     out_of_fold_logits,
+    pool_images,
     probe_pipeline,
     save_prior,
 )
@@ -70,6 +72,36 @@ def test_open_gate_adds_the_centred_llm_scores_and_predict_agrees(llm_dir, vit_d
     assert model.predict_labels(features, unknown, PROMPT).tolist() == expected.tolist()
 
 
+def _pairs(model, n: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """[n, 2, tokens, hidden] features of rows of two images, labelled by the second's colour (the first
+    is another colour)."""
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, 3, n)
+    firsts = (targets + rng.integers(1, 3, n)) % 3
+    encode = model.vision.encode_images
+    first = encode([colour_image(LABELS[k], rng) for k in firsts])
+    second = encode([colour_image(LABELS[k], rng) for k in targets])
+    return torch.stack([first, second], 1), targets
+
+
+def test_a_prior_on_rows_of_two_images_pools_each_image_on_its_own(llm_dir, vit_dir):
+    """Pooling both images together loses which is second; side by side, the probe reads the second.
+    Rows of another image count are scored by the LLM alone."""
+    model = attach(vit_dir, llm_dir)
+    (train, targets), (test, truth) = _pairs(model, 60, seed=0), _pairs(model, 30, seed=1)
+    model.label_prior, _ = LabelPrior.fit(pool_images(train).numpy(), targets, LABELS)
+    assert model.label_prior.weight.shape[1] == 2 * train.shape[-1]
+    assert (model.predict_labels(test, LABELS, PROMPT).numpy() == truth).mean() >= 0.9
+    together, _ = LabelPrior.fit(train.flatten(1, -2).mean(1).double().numpy(), targets, LABELS)
+    assert (together.log_probs(test, LABELS).argmax(-1).numpy() == truth).mean() <= 0.75
+    single = test[:, 1]
+    assert not model.label_prior.covers(LABELS, single)
+    torch.testing.assert_close(model.score_labels(single, LABELS, PROMPT),
+                               model.score_labels(single, LABELS, PROMPT, prior=False))
+    with pytest.raises(ValueError, match="rows of 2 image"):
+        model.label_prior.log_probs(single, LABELS)
+
+
 def test_gate_opens_only_where_the_llm_adds_significant_likelihood(data):
     _, targets = data
     rng = np.random.default_rng(0)
@@ -89,6 +121,13 @@ def test_gate_opens_only_where_the_llm_adds_significant_likelihood(data):
     assert float(prior.gate) == 0.0
     prior.fit_gate(np.tile(probe[few], (40, 1)), np.tile(weak, (40, 1)), np.tile(targets[few], 40))
     assert float(prior.gate) > 0.1
+    # a strong signal on fewer than MIN_GATE_ROWS_PER_CLASS rows per class keeps the gate closed
+    rows = np.concatenate([np.flatnonzero(targets == k)[: MIN_GATE_ROWS_PER_CLASS - 1] for k in range(3)])
+    prior.fit_gate(probe[rows], useful[rows], targets[rows])
+    assert float(prior.gate) == 0.0
+    rows = np.concatenate([np.flatnonzero(targets == k)[:MIN_GATE_ROWS_PER_CLASS] for k in range(3)])
+    prior.fit_gate(probe[rows], useful[rows], targets[rows])
+    assert float(prior.gate) > 0.5
 
 
 def test_held_out_log_probs_are_calibrated_and_less_sure_than_in_sample(data):

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 PRIOR_FILE = "label_prior.safetensors"
 CHI2_1DOF_95 = 3.841  # the 95% quantile of chi-square with one degree of freedom
+# Fewer held-out rows per class than this and the gate stays closed: on 2 rows per class a likelihood gain
+# that passed the test still cost accuracy (docs/results.md, learning curve, float32 at 10 per class).
+MIN_GATE_ROWS_PER_CLASS = 5
 
 
 class LabelPrior(nn.Module):
@@ -51,8 +54,10 @@ class LabelPrior(nn.Module):
         self.register_buffer("gate", torch.tensor(0.0))
         self.register_buffer("center", torch.zeros(len(labels)))
 
-    def covers(self, candidates: Sequence[str]) -> bool:
-        return set(candidates) <= set(self.labels)
+    def covers(self, candidates: Sequence[str], features: torch.Tensor) -> bool:
+        """Whether the prior knows every candidate and can pool these rows as it was fit: rows of as many
+        images as its own, or any rows for a prior one image wide (all their images pooled together)."""
+        return set(candidates) <= set(self.labels) and self._pooled(features) is not None
 
     @property
     def gated(self) -> bool:
@@ -61,8 +66,12 @@ class LabelPrior(nn.Module):
 
     def log_probs(self, features: torch.Tensor, candidates: Sequence[str]) -> torch.Tensor:
         """[B, K] probe log-probabilities over `candidates` (a subset of `labels`) from encoder features
-        [B, tokens, hidden] or [B, images, tokens, hidden], pooled over every token of the row."""
-        pooled = features.flatten(1, -2).double().mean(1).to(self.weight.device)
+        [B, tokens, hidden] or [B, images, tokens, hidden] (see `pool_images`)."""
+        pooled = self._pooled(features)
+        if pooled is None:
+            raise ValueError(f"this label prior was fit on rows of {self.weight.shape[1] // features.shape[-1]} "
+                             f"image(s); these rows have {features.shape[1] if features.dim() == 4 else 1}. "
+                             "Score them with prior=False (the LLM alone).")
         rows = self._rows(candidates)
         return mixed_log_probs(pooled @ self.weight[rows].T + self.bias[rows], float(self.floor)).float()
 
@@ -74,6 +83,16 @@ class LabelPrior(nn.Module):
     def added_to(self, llm_scores: torch.Tensor, features: torch.Tensor, candidates: Sequence[str]) -> torch.Tensor:
         offset, scale = self.offset_and_scale(features, candidates)
         return offset + scale * llm_scores
+
+    def _pooled(self, features: torch.Tensor) -> torch.Tensor | None:
+        """[B, C] the rows' features pooled as the prior was fit: each image on its own, or (a prior
+        whose width is one image's) every image together; None when neither matches its width."""
+        per_image = pool_images(features).to(self.weight.device)
+        if per_image.shape[1] == self.weight.shape[1]:
+            return per_image
+        if features.shape[-1] == self.weight.shape[1]:
+            return features.flatten(1, -2).double().mean(1).to(self.weight.device)
+        return None
 
     def _rows(self, candidates: Sequence[str]) -> torch.Tensor:
         return torch.tensor([self.labels.index(c) for c in candidates], device=self.weight.device)
@@ -93,8 +112,8 @@ class LabelPrior(nn.Module):
         """Centre each label's LLM scores on these rows' mean, then pick the gate in [0, 4] that maximises
         the log-likelihood of the true labels under probe + gate * centred LLM (a 1-D convex problem).
         The gate opens only if the LLM's gain passes a likelihood-ratio test (chi-square, one degree of
-        freedom, 5%): from a few held-out rows the optimum is noisy, and a gate opened on noise costs
-        accuracy where the probe is better than the LLM."""
+        freedom, 5%) on at least MIN_GATE_ROWS_PER_CLASS rows per class: from a few held-out rows the
+        optimum is noisy, and a gate opened on noise costs accuracy where the probe is better than the LLM."""
         from scipy.optimize import minimize_scalar
         from scipy.special import log_softmax
 
@@ -105,9 +124,17 @@ class LabelPrior(nn.Module):
             return -log_softmax(probe_log_probs + gate * centred, axis=1)[truth].mean()
 
         best = minimize_scalar(nll, bounds=(0.0, 4.0), method="bounded").x
-        gate = float(best) if 2 * len(targets) * (nll(0.0) - nll(best)) > CHI2_1DOF_95 else 0.0
+        enough = len(targets) >= MIN_GATE_ROWS_PER_CLASS * len(np.unique(targets))
+        gate = float(best) if enough and 2 * len(targets) * (nll(0.0) - nll(best)) > CHI2_1DOF_95 else 0.0
         self.center.copy_(torch.from_numpy(center))
         self.gate.fill_(gate)
+
+
+def pool_images(features: torch.Tensor) -> torch.Tensor:
+    """[B, images * hidden] each image's tokens mean-pooled, the images side by side in row order, from
+    [B, tokens, hidden] or [B, images, tokens, hidden]: pooling the images together would lose which is
+    which (a probe on rows of two images could not tell the second from the first)."""
+    return features.double().mean(-2).flatten(1)
 
 
 def probe_pipeline(seed: int = 0, c: float = 0.5, class_weight: dict[int, float] | None = None):  # noqa: ANN201
@@ -215,14 +242,18 @@ def label_rows(data: datasets.Dataset, names: Sequence[str]) -> tuple[np.ndarray
 
 
 def pooled_features(data: datasets.Dataset, rows: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """[N, C] cached encoder features of `rows`, mean-pooled over every token of each row."""
+    """[N, C] cached encoder features of `rows`, each image mean-pooled (`pool_images`); where rows carry
+    different numbers of images, every token of a row pooled together (one width for all rows)."""
     from .data import FEATURES_COLUMN
 
     table = data.with_format("torch", columns=[FEATURES_COLUMN])
     out = []
     for start in range(0, len(rows), chunk):
-        out += [f.flatten(0, -2).float().mean(0) for f in table[rows[start : start + chunk].tolist()][FEATURES_COLUMN]]
-    return torch.stack(out).numpy().astype(np.float64)
+        out += [f.float() for f in table[rows[start : start + chunk].tolist()][FEATURES_COLUMN]]
+    per_image = [pool_images(f[None])[0] for f in out]
+    if len({p.shape for p in per_image}) > 1:
+        per_image = [f.flatten(0, -2).mean(0) for f in out]
+    return torch.stack(per_image).numpy().astype(np.float64)
 
 
 def llm_label_scores(model: VisionLanguageCore, data: datasets.Dataset, rows: np.ndarray, names: Sequence[str],
@@ -278,10 +309,11 @@ def fit_label_prior(model: VisionLanguageCore, train: datasets.Dataset, eval_dat
     gate_data, picked = train, np.searchsorted(rows, gate_rows) if gate_rows is not None else None
     gate_targets = targets
     eval_rows = label_rows(eval_data, names) if picked is None and eval_data is not None else None
-    if eval_rows is not None and len(eval_rows[0]):
+    has_eval = eval_rows is not None and len(eval_rows[0]) > 0
+    eval_pooled = torch.from_numpy(pooled_features(eval_data, eval_rows[0]))[:, None] if has_eval else None
+    if eval_pooled is not None and prior.covers(names, eval_pooled):  # else the training rows
         gate_data, (rows, gate_targets) = eval_data, eval_rows
-        probe = prior.log_probs(torch.from_numpy(pooled_features(eval_data, rows))[:, None], names)
-        held_out = probe.double().cpu().numpy()
+        held_out = prior.log_probs(eval_pooled, names).double().cpu().numpy()
     if picked is None:
         picked = np.sort(np.random.default_rng(seed).permutation(len(rows))[:most])
     scores = llm_label_scores(model, gate_data, rows[picked], names)

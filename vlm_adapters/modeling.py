@@ -186,7 +186,7 @@ class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
         """`InferenceMixin.score_labels` combined with the label prior `fit` adds on label data, if it knows
         the labels (and `prior`): probe log-prob + gate * centred log-likelihood; the probe alone while the
         gate is closed, without running the LLM."""
-        gated = self._label_prior(labels) if prior else None
+        gated = self._label_prior(labels, features) if prior else None
         if gated is not None and not gated.gated:
             return gated.log_probs(features, labels)
         llm = super().score_labels(features, labels, prompt)
@@ -195,12 +195,13 @@ class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
     @inference
     def predict_labels(self, features: torch.Tensor, labels: Sequence[str], prompt: str) -> torch.Tensor:
         """`InferenceMixin.predict_labels`, or with a label prior the argmax of every label's full score."""
-        if self._label_prior(labels) is not None:
+        if self._label_prior(labels, features) is not None:
             return self.score_labels(features, labels, prompt).argmax(-1)
         return super().predict_labels(features, labels, prompt)
 
-    def _label_prior(self, labels: Sequence[str]) -> Any:
-        return self.label_prior if self.label_prior is not None and self.label_prior.covers(labels) else None
+    def _label_prior(self, labels: Sequence[str], features: torch.Tensor) -> Any:
+        prior = self.label_prior
+        return prior if prior is not None and prior.covers(labels, features) else None
 
     def prefix_cache(self) -> DynamicCache:
         """A KV cache holding the PEFT prefix (prefix tuning's virtual tokens), or an empty one."""
