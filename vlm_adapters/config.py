@@ -28,7 +28,8 @@ ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 Dequantize = Literal["per_forward", "per_call", "once"]
 
 
-def _option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the metadata key HfArgumentParser reads
+def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the metadata key HfArgumentParser reads
+    """A dataclass field with `help` metadata: the flag help of the CLI (HfArgumentParser) and the docs."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
@@ -38,34 +39,34 @@ def _option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the 
 class AttachOptions:
     """How `attach` connects the encoder to the LLM; every field is also a `vlm-adapters train` flag."""
 
-    adapter: AdapterKind = _option("lora", "PEFT adapter on the LLM: LoRA, prefix tuning, or none (projector only)")
-    quantization: Quantization | None = _option("nf4", "LLM weights: 4-bit NF4 (double quant), int8, or None")
-    projector: ProjectorKind = _option("mlp2x_gelu", "linear (LLaVA) or Linear-GELU-Linear (LLaVA-1.5)")
-    projector_norm: bool = _option(
+    adapter: AdapterKind = option("lora", "PEFT adapter on the LLM: LoRA, prefix tuning, or none (projector only)")
+    quantization: Quantization | None = option("nf4", "LLM weights: 4-bit NF4 (double quant), int8, or None")
+    projector: ProjectorKind = option("mlp2x_gelu", "linear (LLaVA) or Linear-GELU-Linear (LLaVA-1.5)")
+    projector_norm: bool = option(
         True, "LayerNorm on the encoder features before the projector (needed for CNN feature maps; "
         "False gives LLaVA's exact projector, which merge_and_export needs)"
     )
-    vision_feature_layer: int = _option(-2, "hidden layer of a transformers encoder to take patch tokens from")
-    num_image_tokens: int | None = _option(None, "pool the patch tokens to this many image tokens (None: all)")
-    pooling: PoolingKind = _option("avg", "how to pool patch tokens: adaptive average or pixel shuffle")
-    lora_r: int = _option(16, "LoRA rank")
-    lora_alpha: int = _option(32, "LoRA alpha (scaling = alpha / r)")
-    lora_dropout: float = _option(0.0, "LoRA dropout")
-    lora_target_modules: list[str] | str = _option("all-linear", "LoRA target modules ('all-linear' or names)")
-    num_prefix_tokens: int = _option(16, "virtual tokens of prefix tuning")
-    compute_dtype: ComputeDtype = _option(
+    vision_feature_layer: int = option(-2, "hidden layer of a transformers encoder to take patch tokens from")
+    num_image_tokens: int | None = option(None, "pool the patch tokens to this many image tokens (None: all)")
+    pooling: PoolingKind = option("avg", "how to pool patch tokens: adaptive average or pixel shuffle")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    lora_target_modules: list[str] | str = option("all-linear", "LoRA target modules ('all-linear' or names)")
+    num_prefix_tokens: int = option(16, "virtual tokens of prefix tuning")
+    compute_dtype: ComputeDtype = option(
         "auto", "dtype the LLM computes in; auto: bf16 on CUDA, on a CPU the faster of bf16 and fp32"
     )
-    dequantize: Dequantize = _option(
+    dequantize: Dequantize = option(
         "per_forward", "when 4-bit weights are dequantized: in every pass (bitsandbytes' way, least memory); "
         "per_call: once per inference call (a compute-dtype copy while it runs); once: kept for training and "
         "inference (fastest on a CPU; costs 2 bytes per weight in bf16, 4 in fp32)"
     )
-    image_size: int = _option(224, "input size of the default image processor for a bare torch encoder")
-    classify_prompt: str = _option("What is shown in this image?", "the user prompt for classification")
-    describe_prompt: str = _option("Describe this image.", "the user prompt for describe")
-    system_prompt: str | None = _option(None, "system turn of the chat template (None: the template's default)")
-    image_first: bool = _option(
+    image_size: int = option(224, "input size of the default image processor for a bare torch encoder")
+    classify_prompt: str = option("What is shown in this image?", "the user prompt for classification")
+    describe_prompt: str = option("Describe this image.", "the user prompt for describe")
+    system_prompt: str | None = option(None, "system turn of the chat template (None: the template's default)")
+    image_first: bool = option(
         False, "put the image before the prompt (LLaVA's order); after it, the image-independent head runs once"
     )
 
@@ -131,22 +132,22 @@ class AdapterConfig(AttachOptions):
     file is opened.
     """
 
-    vision: str | None = _option(None, "Hub id or local path of the vision encoder (None: an in-memory module)")
-    llm: str | None = _option(None, "Hub id or local path of the LLM (None: an in-memory module)")
-    vision_revision: str | None = _option(None, "revision of the vision encoder on the Hub")
-    llm_revision: str | None = _option(None, "revision of the LLM on the Hub")
-    dataset: str | None = _option(None, "Hub id of the training dataset, named in the model card")
-    adapter: SavedAdapterKind = _option(
+    vision: str | None = option(None, "Hub id or local path of the vision encoder (None: an in-memory module)")
+    llm: str | None = option(None, "Hub id or local path of the LLM (None: an in-memory module)")
+    vision_revision: str | None = option(None, "revision of the vision encoder on the Hub")
+    llm_revision: str | None = option(None, "revision of the LLM on the Hub")
+    dataset: str | None = option(None, "Hub id of the training dataset, named in the model card")
+    adapter: SavedAdapterKind = option(
         "lora", "lora / prefix / none, or 'peft' for an adapter given as a PEFT config object"
     )
-    peft_type: str | None = _option(
+    peft_type: str | None = option(
         None, "PEFT method of an adapter='peft' (e.g. 'ADALORA'); PEFT's adapter_config.json holds its options, "
         "and lora_* / num_prefix_tokens are unused"
     )
     vision_signature: dict[str, Any] = field(default_factory=dict)
     llm_signature: dict[str, Any] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)
-    temperature: float = _option(
+    temperature: float = option(
         1.0, "divides the label scores before the softmax of classify / evaluate; set by model.calibrate"
     )
     format_version: int = 1
@@ -207,32 +208,32 @@ class AdapterConfig(AttachOptions):
 class FitOptions:
     """What `fit` adds to transformers' `TrainingArguments` (whose fields it also takes by name)."""
 
-    projector_lr: float = _option(1e-3, "learning rate of the projector (the adapter uses learning_rate)")
-    align_epochs: float = _option(0.0, "epochs of projector-only training first (LLaVA's stage 1)")
-    describe_ratio: float | None = _option(
+    projector_lr: float = option(1e-3, "learning rate of the projector (the adapter uses learning_rate)")
+    align_epochs: float = option(0.0, "epochs of projector-only training first (LLaVA's stage 1)")
+    describe_ratio: float | None = option(
         None, "share of label rows taught as describe examples (None: 0.25 for label-only data, 0 when the data "
         "has answer rows)"
     )
-    describe_template: str = _option("This image shows {label}.", "the describe answer for a label row")
-    cache_features: bool = _option(True, "encode each image once and cache the encoder features on disk")
-    feature_batch_size: int = _option(32, "batch size of the encoder when filling the feature cache")
-    skip_bad_images: bool = _option(False, "drop unreadable images (counted and reported) instead of stopping")
-    early_stopping_patience: int | None = _option(None, "stop after this many evaluations without improvement")
+    describe_template: str = option("This image shows {label}.", "the describe answer for a label row")
+    cache_features: bool = option(True, "encode each image once and cache the encoder features on disk")
+    feature_batch_size: int = option(32, "batch size of the encoder when filling the feature cache")
+    skip_bad_images: bool = option(False, "drop unreadable images (counted and reported) instead of stopping")
+    early_stopping_patience: int | None = option(None, "stop after this many evaluations without improvement")
     # `str` comes second so that HfArgumentParser reads the flag as text; __post_init__ parses it (as
     # TrainingArguments does for its dict-or-str fields).
-    class_weight: dict[str, float] | str | None = _option(
+    class_weight: dict[str, float] | str | None = option(
         None, "weight each row's answer loss by its class: 'balanced' (n_samples / (n_classes * count), "
         "scikit-learn's convention) or a JSON object {label: weight} (unnamed labels weigh 1)"
     )
-    balanced_sampling: bool = _option(
+    balanced_sampling: bool = option(
         False, "draw training rows with replacement so that every class is drawn equally often on average"
     )
-    calibrate: bool = _option(False, "fit a temperature on the eval split after training (see model.calibrate)")
-    label_prior: bool = _option(
+    calibrate: bool = option(False, "fit a temperature on the eval split after training (see model.calibrate)")
+    label_prior: bool = option(
         True, "label data: fit a linear probe on the cached pooled features and score labels as probe log-prob + "
         "gate * centred LLM log-likelihood, the gate (>= 0) fit after training on held-out rows (label_prior.py)"
     )
-    gate_holdout: float = _option(
+    gate_holdout: float = option(
         0.2, "with label_prior and no eval split: the share of label rows (at most 500) kept out of the LLM's "
         "training to fit the gate on (0: fit it on the training rows, which the LLM has seen)"
     )

@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from ..builder import attach
-from ..config import _option
+from ..config import option
 from ..features import FEATURES_COLUMN
 from ..label_prior import probe_pipeline
 from .assets import FASHION_MNIST_LABELS, efficientnet_lite0, fashion_mnist, smollm2_instruct
@@ -33,31 +33,31 @@ from .mosaic_report import examples, format_report, plot_mosaics, write_results_
 class MosaicOptions:
     """Sizes and options of the mosaic run (docs/results.md records what they reach and cost)."""
 
-    output_dir: str = _option("runs/mosaic", "where the report, the PNG and the training runs go")
-    results_md: str | None = _option("docs/results.md", "markdown file whose mosaic section is rewritten; none: skip")
-    train_mosaics: int = _option(500, "training mosaics (four Fashion-MNIST train items each)")
-    test_mosaics: int = _option(100, "test mosaics (t10k items) for the fine-tuned model")
-    baseline_mosaics: int = _option(10, "test mosaics the zero-shot and classification-only baselines answer")
-    questions_per_mosaic: int = _option(3, "training questions per mosaic, besides its caption")
-    test_questions_per_mosaic: int = _option(4, "test questions per mosaic (types cycle: what, yes/no, count, where)")
-    answer_style: Literal["short", "listed", "worked"] = _option(
+    output_dir: str = option("runs/mosaic", "where the report, the PNG and the training runs go")
+    results_md: str | None = option("docs/results.md", "markdown file whose mosaic section is rewritten; none: skip")
+    train_mosaics: int = option(500, "training mosaics (four Fashion-MNIST train items each)")
+    test_mosaics: int = option(100, "test mosaics (t10k items) for the fine-tuned model")
+    baseline_mosaics: int = option(10, "test mosaics the zero-shot and classification-only baselines answer")
+    questions_per_mosaic: int = option(3, "training questions per mosaic, besides its caption")
+    test_questions_per_mosaic: int = option(4, "test questions per mosaic (types cycle: what, yes/no, count, where)")
+    answer_style: Literal["short", "listed", "worked"] = option(
         "worked", "question targets: short, listed (caption first) or worked (cell by cell)"
     )
-    image_size: int = _option(320, "encoder input size in pixels (320: a 10x10 map, 5x5 per cell)")
-    num_image_tokens: int = _option(16, "image tokens per mosaic")
-    num_train_epochs: float = _option(1.0, "epochs over the caption + question rows")
-    learning_rate: float = _option(5e-4, "adapter learning rate")
-    projector_lr: float = _option(1e-3, "projector learning rate")
-    lora_r: int = _option(16, "LoRA rank (alpha = 2 x rank)")
-    per_device_train_batch_size: int = _option(8, "rows per optimizer step")
-    classifier_per_class: int = _option(20, "single images per class for the classification-only baseline")
-    max_new_tokens: int = _option(40, "caption length limit in tokens")
-    answer_max_new_tokens: int = _option(8, "short answer length limit in tokens")
-    worked_max_new_tokens: int = _option(64, "worked or listed answer length limit in tokens")
-    system_prompt: str = _option("You describe images.", "system prompt of the attached model")
-    image_first: bool = _option(True, "images before the prompt (LLaVA's order)")
-    compute_dtype: str = _option("auto", "auto, bfloat16 or float32")
-    seed: int = _option(0, "seed of the mosaics, the questions and training")
+    image_size: int = option(320, "encoder input size in pixels (320: a 10x10 map, 5x5 per cell)")
+    num_image_tokens: int = option(16, "image tokens per mosaic")
+    num_train_epochs: float = option(1.0, "epochs over the caption + question rows")
+    learning_rate: float = option(5e-4, "adapter learning rate")
+    projector_lr: float = option(1e-3, "projector learning rate")
+    lora_r: int = option(16, "LoRA rank (alpha = 2 x rank)")
+    per_device_train_batch_size: int = option(8, "rows per optimizer step")
+    classifier_per_class: int = option(20, "single images per class for the classification-only baseline")
+    max_new_tokens: int = option(40, "caption length limit in tokens")
+    answer_max_new_tokens: int = option(8, "short answer length limit in tokens")
+    worked_max_new_tokens: int = option(64, "worked or listed answer length limit in tokens")
+    system_prompt: str = option("You describe images.", "system prompt of the attached model")
+    image_first: bool = option(True, "images before the prompt (LLaVA's order)")
+    compute_dtype: str = option("auto", "auto, bfloat16 or float32")
+    seed: int = option(0, "seed of the mosaics, the questions and training")
 
 
 def encode(model: Any, images: Sequence[Any], batch_size: int = 8) -> torch.Tensor:
