@@ -17,10 +17,11 @@ from transformers import HfArgumentParser
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.learning_curve import END as CURVE_END  # noqa: E402
-from benchmarks.learning_curve import START as CURVE_START  # noqa: E402
 from vlm_adapters.demo import DemoOptions, format_report, run_demo  # noqa: E402
-from vlm_adapters.demo.mosaic_report import SECTION_START  # noqa: E402
+
+# The record ends here; what follows in the file (notes on earlier runs, the learning curve's and the
+# mosaic demo's sections) is kept as it is.
+RECORD_END = "<!-- demo-record:end -->"
 
 
 def machine() -> str:
@@ -44,8 +45,7 @@ def main() -> None:
     report = run_demo(options)
     command = " ".join(["python benchmarks/record_demo.py", *sys.argv[1:]])
     old = open(args.output, encoding="utf-8").read() if os.path.exists(args.output) else ""
-    mosaic = SECTION_START + old.split(SECTION_START, 1)[1] if SECTION_START in old else ""  # `demo mosaic`'s part
-    curve = old[old.index(CURVE_START) : old.index(CURVE_END) + len(CURVE_END)] + "\n" if CURVE_END in old else ""
+    kept = old.split(RECORD_END, 1)[1] if RECORD_END in old else "\n"
     with open(args.output, "w", encoding="utf-8") as fh:
         fh.write(
             "# Demo results\n\n"
@@ -55,9 +55,7 @@ def main() -> None:
             "and evaluated on a balanced subset of the official t10k test split by label scoring.\n\n"
             f"- command: `{command}`\n- date: {datetime.date.today().isoformat()}\n- machine: {machine()}\n"
             f"- options: `{report.options}`\n"
-            f"{format_report(report)}\n"
-            + (f"\n{curve}" if curve else "")  # learning_curve.py's section
-            + (f"\n{mosaic}" if mosaic else "")
+            f"{format_report(report)}\n{RECORD_END}{kept}"
         )
     print(f"written to {args.output}")
 
