@@ -173,7 +173,7 @@ def test_fit_adds_the_prior_and_it_is_saved_and_loaded(tmp_path, llm_dir, vit_di
 
 
 def test_gate_rows_are_kept_out_of_the_llm_training_stratified(colours):
-    from vlm_adapters.label_prior import hold_out_gate_rows
+    from vlm_adapters.prior_fit import hold_out_gate_rows
 
     train = colours[0].add_column("row", list(range(len(colours[0]))))
     rest, gate = hold_out_gate_rows(train, LABELS, 0.25, seed=0)

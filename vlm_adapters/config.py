@@ -233,13 +233,21 @@ class FitOptions:
         True, "label data: fit a linear probe on the cached pooled features and score labels as probe log-prob + "
         "gate * centred LLM log-likelihood, the gate (>= 0) fit after training on held-out rows (label_prior.py)"
     )
+    prior_views: list[str] | None = option(
+        None, "with label_prior: views of each label row's image that the probe also trains on ('shift': moved "
+        "left and right by 1/14 of the width; 'flip': mirrored); None: shifts below 100 label rows per class, "
+        "[] for none (prior_views.py)"
+    )
     gate_holdout: float = option(
         0.2, "with label_prior and no eval split: the share of label rows (at most 500) kept out of the LLM's "
         "training to fit the gate on (0: fit it on the training rows, which the LLM has seen)"
     )
 
     def __post_init__(self) -> None:
+        from .prior_views import check_view_kinds
+
         self.class_weight = parse_class_weight(self.class_weight)
+        check_view_kinds(self.prior_views or [])
 
 
 def parse_class_weight(value: Any) -> dict[str, float] | str | None:

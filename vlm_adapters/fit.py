@@ -22,10 +22,10 @@ from .config import FitOptions
 from .data import align_labels, as_dataset, class_weights, label_names, row_labels
 from .evaluation import evaluate
 from .features import FEATURES_COLUMN, features_as_tensors, with_image_features
-from .label_prior import can_fit_prior, fit_label_prior, hold_out_gate_rows
 from .metrics import LOWER_IS_BETTER, SCALAR_METRICS
 from .modeling import VisionLanguageCore
 from .plots import plot_training_curves
+from .prior_fit import can_fit_prior, fit_label_prior, hold_out_gate_rows
 from .trainer import VLMTrainer
 
 # Defaults that train well here without tuning; every one can be overridden by name in fit(**options).
@@ -183,6 +183,7 @@ def fit(
     callbacks = list(callbacks or []) + (_eval_args(args, fit_options, bool(names)) if eval_ds is not None else [])
     # TrainingArguments first: it sets up multi-process state that PartialState would otherwise preempt.
     main_args = TrainingArguments(**args)
+    images = train_ds  # the images, for the label prior's views (prior_views.py)
     if fit_options.cache_features:
         with main_args.main_process_first(desc="encoding images"):  # one process writes the cache
             train_ds = _cache_features(model, train_ds, fit_options)
@@ -202,7 +203,9 @@ def fit(
         sample_labels=row_labels(train_ds) if fit_options.balanced_sampling else None,
     )
     if prior_data is not None:  # the probe, weighted as the LLM's loss was; the gate on held-out rows
-        model.label_prior = fit_label_prior(model, prior_data, eval_ds, gate_rows, names, args["seed"], weights)
+        same_rows = len(images) == len(prior_data)  # else skip_bad_images dropped rows: no views
+        model.label_prior = fit_label_prior(model, prior_data, eval_ds, gate_rows, names, args["seed"], weights,
+                                            images=images if same_rows else None, view_kinds=fit_options.prior_views)
         result["label_prior_gate"] = float(model.label_prior.gate)
     if weights:
         result["class_weights"] = weights

@@ -22,16 +22,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    import datasets
-
-    from .modeling import VisionLanguageCore
 
 PRIOR_FILE = "label_prior.safetensors"
 CHI2_1DOF_95 = 3.841  # the 95% quantile of chi-square with one degree of freedom
@@ -99,12 +93,15 @@ class LabelPrior(nn.Module):
 
     @classmethod
     def fit(cls, pooled: np.ndarray, targets: np.ndarray, labels: Sequence[str], seed: int = 0,
-            class_weight: dict[int, float] | None = None) -> tuple[LabelPrior, np.ndarray]:
-        """The demo's probe on every row (weighted by fit's class_weight, as the LLM's loss is), calibrated
-        on held-out predictions; returns it with each row's held-out (out-of-fold) log-probabilities."""
-        held_out = out_of_fold_logits(pooled, targets, len(labels), seed=seed, class_weight=class_weight)
+            class_weight: dict[int, float] | None = None, views: np.ndarray | None = None
+            ) -> tuple[LabelPrior, np.ndarray]:
+        """The demo's probe on every row (weighted by fit's class_weight, as the LLM's loss is) and its
+        `views` [V, N, C] (more examples of each row's class, prior_views.py), calibrated on held-out
+        predictions; returns it with each row's held-out (out-of-fold) log-probabilities."""
+        held_out = out_of_fold_logits(pooled, targets, len(labels), seed=seed, class_weight=class_weight, views=views)
         temperature, floor = calibrate(held_out, targets)
-        weight, bias = _fold(probe_pipeline(seed, class_weight=class_weight).fit(pooled, targets), len(labels))
+        probe = probe_pipeline(seed, class_weight=class_weight).fit(*_with_views(pooled, targets, views))
+        weight, bias = _fold(probe, len(labels))
         prior = cls(torch.from_numpy(weight / temperature), torch.from_numpy(bias / temperature), labels, floor)
         return prior, mixed_log_probs(torch.from_numpy(held_out / temperature), floor).numpy()
 
@@ -163,10 +160,17 @@ def _fold(probe, num_labels: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN
     return weight, bias
 
 
+def _with_views(pooled: np.ndarray, targets: np.ndarray, views: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows and their views stacked as more rows of the same classes."""
+    if views is None:
+        return pooled, targets
+    return np.concatenate([pooled, *views]), np.tile(targets, len(views) + 1)
+
+
 def out_of_fold_logits(pooled: np.ndarray, targets: np.ndarray, num_labels: int, folds: int = 5, seed: int = 0,
-                       class_weight: dict[int, float] | None = None) -> np.ndarray:
-    """[N, K] each row's probe logits from a probe that did not see it: on its own training rows a probe
-    is right and sure, which says nothing about new images."""
+                       class_weight: dict[int, float] | None = None, views: np.ndarray | None = None) -> np.ndarray:
+    """[N, K] each row's probe logits from a probe that did not see it (nor its views): on its own
+    training rows a probe is right and sure, which says nothing about new images."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
     counts = np.bincount(targets, minlength=num_labels)
@@ -178,8 +182,9 @@ def out_of_fold_logits(pooled: np.ndarray, targets: np.ndarray, num_labels: int,
     out = np.zeros((len(targets), num_labels))  # uniform where a fold's rows leave a single class
     for train, held in splits.split(pooled, targets):
         if len(set(targets[train].tolist())) > 1:
-            weight, bias = _fold(probe_pipeline(seed, class_weight=class_weight).fit(pooled[train], targets[train]),
-                                 num_labels)
+            fold_views = None if views is None else views[:, train]
+            probe = probe_pipeline(seed, class_weight=class_weight)
+            weight, bias = _fold(probe.fit(*_with_views(pooled[train], targets[train], fold_views)), num_labels)
             out[held] = pooled[held] @ weight.T + bias
     return out
 
@@ -229,93 +234,4 @@ def load_prior(path: str, labels: Sequence[str] | None) -> LabelPrior:
                          "score labels with the LLM alone.")
     prior = LabelPrior(tensors["weight"], tensors["bias"], labels)
     prior.load_state_dict(tensors)
-    return prior
-
-
-def label_rows(data: datasets.Dataset, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(indices, class indices) of the label rows (answer rows left out); `names` are the adapter's labels."""
-    from .data import label_indices
-
-    indices = label_indices(data, names)
-    keep = [i for i, index in enumerate(indices) if index is not None]
-    return np.array(keep, dtype=int), np.array([indices[i] for i in keep], dtype=int)
-
-
-def pooled_features(data: datasets.Dataset, rows: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """[N, C] cached encoder features of `rows`, each image mean-pooled (`pool_images`); where rows carry
-    different numbers of images, every token of a row pooled together (one width for all rows)."""
-    from .data import FEATURES_COLUMN
-
-    table = data.with_format("torch", columns=[FEATURES_COLUMN])
-    out = []
-    for start in range(0, len(rows), chunk):
-        out += [f.float() for f in table[rows[start : start + chunk].tolist()][FEATURES_COLUMN]]
-    per_image = [pool_images(f[None])[0] for f in out]
-    if len({p.shape for p in per_image}) > 1:
-        per_image = [f.flatten(0, -2).mean(0) for f in out]
-    return torch.stack(per_image).numpy().astype(np.float64)
-
-
-def llm_label_scores(model: VisionLanguageCore, data: datasets.Dataset, rows: np.ndarray, names: Sequence[str],
-                     batch_size: int = 16) -> np.ndarray:
-    """[N, K] each label's log-likelihood under the LLM alone after the classify prompt, from cached features."""
-    from .data import FEATURES_COLUMN
-
-    table = data.with_format("torch", columns=[FEATURES_COLUMN])
-    out = []
-    with model.reuse_prompt_cache():
-        for start in range(0, len(rows), batch_size):
-            features = table[rows[start : start + batch_size].tolist()][FEATURES_COLUMN]
-            for group in [features] if isinstance(features, torch.Tensor) else [f[None] for f in features]:
-                scores = model.score_labels(group.to(model.device), names, model.config.classify_prompt, prior=False)
-                out.append(scores.float().cpu().numpy())
-    return np.concatenate(out)
-
-
-def can_fit_prior(data: datasets.Dataset, names: Sequence[str]) -> bool:
-    """A probe needs label rows of at least two classes and out-of-fold predictions at least two rows."""
-    targets = label_rows(data, names)[1]
-    return len(targets) >= 2 and len(set(targets.tolist())) >= 2
-
-
-def hold_out_gate_rows(data: datasets.Dataset, names: Sequence[str], share: float, seed: int,
-                       most: int = 500) -> tuple[datasets.Dataset, np.ndarray | None]:
-    """(the rows the LLM trains on, the label rows kept out to fit the gate): a stratified `share` of the
-    label rows, at most `most`. The gate must be fit where the LLM has not seen the images, or a fine-tuned
-    LLM, sure of its own training rows, gets a gate far too open. None (no rows kept) when `share` is 0
-    or a class has fewer than two rows."""
-    from sklearn.model_selection import train_test_split
-
-    rows, targets = label_rows(data, names)
-    counts = np.bincount(targets)
-    size = min(most, max(int((counts > 0).sum()), round(share * len(rows))))
-    if share <= 0 or counts[counts > 0].min() < 2 or size * 2 > len(rows):
-        return data, None
-    _, gate = train_test_split(rows, test_size=size, stratify=targets, random_state=seed)
-    gate = np.sort(gate)
-    return data.select(np.setdiff1d(np.arange(len(data)), gate)), gate
-
-
-def fit_label_prior(model: VisionLanguageCore, train: datasets.Dataset, eval_data: datasets.Dataset | None,
-                    gate_rows: np.ndarray | None, names: Sequence[str], seed: int,
-                    class_weight: dict[str, float] | None = None, most: int = 500) -> LabelPrior:
-    """The probe on every label row of `train` (cached features); the gate on `gate_rows` of `train` (kept
-    out of the LLM's training) with their out-of-fold probe log-probs, else on the eval split's label
-    rows, else on at most `most` training rows (a seeded draw; each costs one scoring pass of the LLM)."""
-    rows, targets = label_rows(train, names)
-    by_index = {names.index(label): w for label, w in class_weight.items()} if class_weight else None
-    prior, held_out = LabelPrior.fit(pooled_features(train, rows), targets, names, seed, by_index)
-    prior.to(model.device)
-    gate_data, picked = train, np.searchsorted(rows, gate_rows) if gate_rows is not None else None
-    gate_targets = targets
-    eval_rows = label_rows(eval_data, names) if picked is None and eval_data is not None else None
-    has_eval = eval_rows is not None and len(eval_rows[0]) > 0
-    eval_pooled = torch.from_numpy(pooled_features(eval_data, eval_rows[0]))[:, None] if has_eval else None
-    if eval_pooled is not None and prior.covers(names, eval_pooled):  # else the training rows
-        gate_data, (rows, gate_targets) = eval_data, eval_rows
-        held_out = prior.log_probs(eval_pooled, names).double().cpu().numpy()
-    if picked is None:
-        picked = np.sort(np.random.default_rng(seed).permutation(len(rows))[:most])
-    scores = llm_label_scores(model, gate_data, rows[picked], names)
-    prior.fit_gate(held_out[picked], scores.astype(np.float64), gate_targets[picked])
     return prior

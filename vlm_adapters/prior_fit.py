@@ -1,0 +1,114 @@
+"""Fitting the label prior inside `fit`: which rows it is fit on, their pooled cached features (plus
+extra views for a small probe, prior_views.py), the rows kept out of the LLM's training for the gate,
+and the LLM's label scores on them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .label_prior import LabelPrior, pool_images
+
+if TYPE_CHECKING:
+    import datasets
+
+    from .modeling import VisionLanguageCore
+
+
+def label_rows(data: datasets.Dataset, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, class indices) of the label rows (answer rows left out); `names` are the adapter's labels."""
+    from .data import label_indices
+
+    indices = label_indices(data, names)
+    keep = [i for i, index in enumerate(indices) if index is not None]
+    return np.array(keep, dtype=int), np.array([indices[i] for i in keep], dtype=int)
+
+
+def pooled_features(data: datasets.Dataset, rows: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """[N, C] cached encoder features of `rows`, each image mean-pooled (`pool_images`); where rows carry
+    different numbers of images, every token of a row pooled together (one width for all rows)."""
+    from .data import FEATURES_COLUMN
+
+    table = data.with_format("torch", columns=[FEATURES_COLUMN])
+    out = []
+    for start in range(0, len(rows), chunk):
+        out += [f.float() for f in table[rows[start : start + chunk].tolist()][FEATURES_COLUMN]]
+    per_image = [pool_images(f[None])[0] for f in out]
+    if len({p.shape for p in per_image}) > 1:
+        per_image = [f.flatten(0, -2).mean(0) for f in out]
+    return torch.stack(per_image).numpy().astype(np.float64)
+
+
+def llm_label_scores(model: VisionLanguageCore, data: datasets.Dataset, rows: np.ndarray, names: Sequence[str],
+                     batch_size: int = 16) -> np.ndarray:
+    """[N, K] each label's log-likelihood under the LLM alone after the classify prompt, from cached features."""
+    from .data import FEATURES_COLUMN
+
+    table = data.with_format("torch", columns=[FEATURES_COLUMN])
+    out = []
+    with model.reuse_prompt_cache():
+        for start in range(0, len(rows), batch_size):
+            features = table[rows[start : start + batch_size].tolist()][FEATURES_COLUMN]
+            for group in [features] if isinstance(features, torch.Tensor) else [f[None] for f in features]:
+                scores = model.score_labels(group.to(model.device), names, model.config.classify_prompt, prior=False)
+                out.append(scores.float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def can_fit_prior(data: datasets.Dataset, names: Sequence[str]) -> bool:
+    """A probe needs label rows of at least two classes and out-of-fold predictions at least two rows."""
+    targets = label_rows(data, names)[1]
+    return len(targets) >= 2 and len(set(targets.tolist())) >= 2
+
+
+def hold_out_gate_rows(data: datasets.Dataset, names: Sequence[str], share: float, seed: int,
+                       most: int = 500) -> tuple[datasets.Dataset, np.ndarray | None]:
+    """(the rows the LLM trains on, the label rows kept out to fit the gate): a stratified `share` of the
+    label rows, at most `most`. The gate must be fit where the LLM has not seen the images, or a fine-tuned
+    LLM, sure of its own training rows, gets a gate far too open. None (no rows kept) when `share` is 0
+    or a class has fewer than two rows."""
+    from sklearn.model_selection import train_test_split
+
+    rows, targets = label_rows(data, names)
+    counts = np.bincount(targets)
+    size = min(most, max(int((counts > 0).sum()), round(share * len(rows))))
+    if share <= 0 or counts[counts > 0].min() < 2 or size * 2 > len(rows):
+        return data, None
+    _, gate = train_test_split(rows, test_size=size, stratify=targets, random_state=seed)
+    gate = np.sort(gate)
+    return data.select(np.setdiff1d(np.arange(len(data)), gate)), gate
+
+
+def fit_label_prior(model: VisionLanguageCore, train: datasets.Dataset, eval_data: datasets.Dataset | None,
+                    gate_rows: np.ndarray | None, names: Sequence[str], seed: int,
+                    class_weight: dict[str, float] | None = None, most: int = 500,
+                    images: datasets.Dataset | None = None, view_kinds: Sequence[str] | None = None) -> LabelPrior:
+    """The probe on every label row of `train` (cached features) and, from `images` (`train` before its
+    features were cached, row for row), the views `view_kinds` of their images (None: prior_views.py's
+    default); the gate on `gate_rows` of `train` (kept out of the LLM's training) with their out-of-fold
+    probe log-probs, else on the eval split's label rows, else on at most `most` training rows (a seeded
+    draw; each costs one scoring pass of the LLM)."""
+    from .prior_views import resolve_view_kinds, view_features
+
+    rows, targets = label_rows(train, names)
+    by_index = {names.index(label): w for label, w in class_weight.items()} if class_weight else None
+    kinds = resolve_view_kinds(view_kinds, targets)
+    views = view_features(model.vision, images, rows, kinds) if images is not None else None
+    prior, held_out = LabelPrior.fit(pooled_features(train, rows), targets, names, seed, by_index, views)
+    prior.to(model.device)
+    gate_data, picked = train, np.searchsorted(rows, gate_rows) if gate_rows is not None else None
+    gate_targets = targets
+    eval_rows = label_rows(eval_data, names) if picked is None and eval_data is not None else None
+    has_eval = eval_rows is not None and len(eval_rows[0]) > 0
+    eval_pooled = torch.from_numpy(pooled_features(eval_data, eval_rows[0]))[:, None] if has_eval else None
+    if eval_pooled is not None and prior.covers(names, eval_pooled):  # else the training rows
+        gate_data, (rows, gate_targets) = eval_data, eval_rows
+        held_out = prior.log_probs(eval_pooled, names).double().cpu().numpy()
+    if picked is None:
+        picked = np.sort(np.random.default_rng(seed).permutation(len(rows))[:most])
+    scores = llm_label_scores(model, gate_data, rows[picked], names)
+    prior.fit_gate(held_out[picked], scores.astype(np.float64), gate_targets[picked])
+    return prior
