@@ -26,9 +26,9 @@ def test_views_move_the_image_by_a_fourteenth_and_mirror_it():
 
 
 def test_default_views_are_shifts_for_small_classes_only():
-    assert resolve_view_kinds(None, np.repeat([0, 1], [10, 300])) == ["shift"]
-    assert resolve_view_kinds(None, np.repeat([0, 1], [100, 300])) == []
-    assert resolve_view_kinds(["flip"], np.repeat([0, 1], [100, 300])) == ["flip"]
+    assert resolve_view_kinds(None, np.repeat([0, 1], [49, 300])) == ["shift"]
+    assert resolve_view_kinds(None, np.repeat([0, 1], [50, 300])) == []
+    assert resolve_view_kinds(["flip"], np.repeat([0, 1], [50, 300])) == ["flip"]
     with pytest.raises(ValueError, match="prior_views \\['crop'\\] unknown"):
         resolve_view_kinds(["crop"], np.zeros(3, int))
 

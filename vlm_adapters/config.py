@@ -235,7 +235,7 @@ class FitOptions:
     )
     prior_views: list[str] | None = option(
         None, "with label_prior: views of each label row's image that the probe also trains on ('shift': moved "
-        "left and right by 1/14 of the width; 'flip': mirrored); None: shifts below 100 label rows per class, "
+        "left and right by 1/14 of the width; 'flip': mirrored); None: shifts below 50 label rows per class, "
         "[] for none (prior_views.py)"
     )
     gate_holdout: float = option(

@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 VIEW_KINDS = ("shift", "flip")
 # Below this many label rows in the smallest class, `prior_views=None` adds shifted views: the probe
-# gains most where data is scarce, and each view costs one encoder pass per image.
-AUTO_VIEWS_BELOW_PER_CLASS = 100
+# gains where data is scarce and not from 50 per class on (docs/probe_experiments.md), and each view
+# costs one encoder pass per image.
+AUTO_VIEWS_BELOW_PER_CLASS = 50
 
 
 def check_view_kinds(kinds: Sequence[str]) -> None:
