@@ -6,7 +6,8 @@ linear probe on the same frozen features and the untrained model, at several tra
 
 Every training set is `fashion_mnist("train", per_class=n, seed=s)`; the test set is the same for every run
 (`--test_per_class` images per class of the t10k split, seed 0). Each distinct image is encoded once: the
-union of all drawn images goes through the library's feature cache, and each run selects its rows. The
+union of all drawn images goes through the library's feature cache, and each run selects its rows (with
+their images, which `fit` reads only to take the label prior's views of them). The
 probe is the demo's (`StandardScaler` + `LogisticRegression(C=0.5)` on mean-pooled features). The table and
 a PNG (accuracy vs training images per class, mean +- one standard error over seeds) replace the section
 between the learning-curve markers of `--output` (appended when absent); `--json` keeps every run.
@@ -226,8 +227,11 @@ def main() -> None:
     test_f = features.select(index[0])
     records, seen = [], set()
     for (size, seed), rows in zip(plan, index[1:]):
-        record = run_one(args, features.select(rows), test_f, size, seed, zero_shot=seed not in seen and not
-                         args.no_zero_shot)
+        # the cached features beside the images: fit reads the features and takes views of the images for
+        # its label prior's probe (prior_views.py), as it would from the images alone
+        train = datasets.concatenate_datasets([union.select(rows).select_columns(["image"]), features.select(rows)],
+                                              axis=1)
+        record = run_one(args, train, test_f, size, seed, zero_shot=seed not in seen and not args.no_zero_shot)
         seen.add(seed)
         record["probe"] = probe_accuracy(x[rows], y[rows], x[index[0]], y[index[0]], seed)
         records.append(record)

@@ -17,10 +17,10 @@ LABELS = ["red", "green", "blue"]
 def test_views_move_the_image_by_a_fourteenth_and_mirror_it():
     array = np.zeros((28, 28), np.uint8)
     array[:, 10] = 255
-    array[:, 0] = 7  # the edge pixels fill the strip a shift uncovers
+    array[:, :3] = [[5, 6, 7]]  # the image reflected at its edge fills the strip a shift uncovers
     left, right, mirrored = (np.asarray(v) for v in image_views(Image.fromarray(array), ["shift", "flip"]))
     assert [np.flatnonzero(v[0] == 255).tolist() for v in (left, right, mirrored)] == [[8], [12], [17]]
-    assert right[0, :3].tolist() == [7, 7, 7] and left[0, -2:].tolist() == [0, 0]
+    assert right[0, :5].tolist() == [7, 6, 5, 6, 7] and left[0, -2:].tolist() == [0, 0]
     colour = Image.fromarray(np.zeros((6, 70, 3), np.uint8))
     assert [v.size for v in image_views(colour, ["shift"])] == [(70, 6), (70, 6)]  # 5-pixel steps
 

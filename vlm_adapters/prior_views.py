@@ -3,7 +3,7 @@ logistic regression overfits, and the same image moved a little (or mirrored) is
 its class for free. The views only train the probe; the LLM trains on the images as given.
 
 "shift" moves the image left and right by 1/14 of its width (2 pixels of a 28-pixel image), filling
-the uncovered strip with the edge pixels; "flip" mirrors it left-right, which suits domains where
+the uncovered strip with the image reflected at its edge (no constant bar, no smeared edge column); "flip" mirrors it left-right, which suits domains where
 left and right carry no meaning (not text, not a chest X-ray's laterality), so it is not a default.
 """
 
@@ -54,7 +54,7 @@ def image_views(image: Image.Image, kinds: Sequence[str]) -> list[Image.Image]:
         array = np.asarray(image)
         step = max(1, round(array.shape[1] / 14))
         pad = [(0, 0), (step, step)] + [(0, 0)] * (array.ndim - 2)
-        padded = np.pad(array, pad, mode="edge")
+        padded = np.pad(array, pad, mode="reflect")
         views += [Image.fromarray(padded[:, 2 * step :]), Image.fromarray(padded[:, : -2 * step])]
     if "flip" in kinds:
         views.append(ImageOps.mirror(image))
