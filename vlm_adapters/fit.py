@@ -174,12 +174,7 @@ def fit(
     train_ds = as_dataset(train, "train dataset")
     eval_ds = as_dataset(eval, "eval dataset") if eval is not None else None
     names, eval_ds, weights = _labels(model, train_ds, eval_ds, fit_options)
-    args = {**DEFAULT_ARGS, **training_args}
-    if "save_steps" in training_args and "save_strategy" not in training_args:
-        args["save_strategy"] = "steps"  # what save_steps means in transformers, whose default strategy is steps
-    args.update(remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"])
-    # On a CPU model, accelerate sets up multi-process (torchrun) training only when told use_cpu.
-    args.setdefault("use_cpu", model.device.type == "cpu")
+    args = _training_arguments(model, training_args)
     callbacks = list(callbacks or []) + (_eval_args(args, fit_options, bool(names)) if eval_ds is not None else [])
     # TrainingArguments first: it sets up multi-process state that PartialState would otherwise preempt.
     main_args = TrainingArguments(**args)
@@ -203,9 +198,8 @@ def fit(
         sample_labels=row_labels(train_ds) if fit_options.balanced_sampling else None,
     )
     if prior_data is not None:  # the probe, weighted as the LLM's loss was; the gate on held-out rows
-        same_rows = len(images) == len(prior_data)  # else skip_bad_images dropped rows: no views
         model.label_prior = fit_label_prior(model, prior_data, eval_ds, gate_rows, names, args["seed"], weights,
-                                            images=images if same_rows else None, view_kinds=fit_options.prior_views)
+                                            images=images, view_kinds=fit_options.prior_views)
         result["label_prior_gate"] = float(model.label_prior.gate)
     if weights:
         result["class_weights"] = weights
@@ -215,6 +209,17 @@ def fit(
         result["calibration"] = calibrate(model, eval_ds, batch_size=args["per_device_eval_batch_size"],
                                           progress=not args.get("disable_tqdm"))
     return _finish(model, result, trainer, args["output_dir"], train_ds, eval_ds)
+
+
+def _training_arguments(model: VisionLanguageCore, given: dict[str, Any]) -> dict[str, Any]:
+    """`TrainingArguments` values: fit's defaults, then the user's, then what fit's batches need."""
+    args = {**DEFAULT_ARGS, **given}
+    if "save_steps" in given and "save_strategy" not in given:
+        args["save_strategy"] = "steps"  # what save_steps means in transformers, whose default strategy is steps
+    args.update(remove_unused_columns=False, prediction_loss_only=True, label_names=["labels"])
+    # On a CPU model, accelerate sets up multi-process (torchrun) training only when told use_cpu.
+    args.setdefault("use_cpu", model.device.type == "cpu")
+    return args
 
 
 def _split_for_prior(

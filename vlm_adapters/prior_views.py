@@ -3,8 +3,9 @@ logistic regression overfits, and the same image moved a little (or mirrored) is
 its class for free. The views only train the probe; the LLM trains on the images as given.
 
 "shift" moves the image left and right by 1/14 of its width (2 pixels of a 28-pixel image), filling
-the uncovered strip with the image reflected at its edge (no constant bar, no smeared edge column); "flip" mirrors it left-right, which suits domains where
-left and right carry no meaning (not text, not a chest X-ray's laterality), so it is not a default.
+the uncovered strip with the image reflected at its edge (no constant bar, no smeared edge column);
+"flip" mirrors it left-right, which suits domains where left and right carry no meaning (not text,
+not a chest X-ray's laterality), so it is not a default.
 """
 
 from __future__ import annotations
