@@ -133,7 +133,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        paired = f"{100 * r['paired'][0]:+.1f} +- {100 * r['paired'][1]:.1f}"
+        paired = f"{100 * r['paired'][0]:+.2f} +- {100 * r['paired'][1]:.2f}"  # differences of a few tenths
         lines.append(
             f"| {r['dtype']} | {r['size']} | {r['runs']} | {cell(r['vlm'])} | {cell(r['probe'])} | {paired} "
             f"| {cell(r['zero_shot'])} | {r['gate']} | {r['fit_s']:.0f} |"
