@@ -58,9 +58,9 @@ def dequantize(model: VisionLanguageModel, mode: str) -> Iterator[None]:
         model.config.dequantize = before
 
 
-def in_mode(fn: ClassifyFn, mode: str) -> ClassifyFn:
+def per_call(fn: ClassifyFn) -> ClassifyFn:
     def run(model: VisionLanguageModel, inputs: Any, names: list[str], batch_size: int) -> list[int]:
-        with dequantize(model, mode):
+        with dequantize(model, "per_call"):
             return fn(model, inputs, names, batch_size)
 
     return run
@@ -73,12 +73,9 @@ def live_classifiers(images: list[Any]) -> dict[str, tuple[ClassifyFn, Any]]:
 LABELS = {
     "library": "library (`predict`, default options)",
     "library_per_call": "library, `dequantize=\"per_call\"`",
-    "library_int8": "library, `dequantize=\"int8_per_call\"` (not exact)",
     "reference": "reference (generate + match)",
 }
-# (library, reference); first: headline
-RATIOS = (("library", "reference"), ("library_per_call", "reference"), ("library_int8", "reference"))
-EXACT = ("library", "library_per_call")  # rows that must predict exactly as bitsandbytes computes
+RATIOS = (("library", "reference"), ("library_per_call", "reference"))  # (library, reference); first: headline
 
 
 def time_classifiers(
@@ -106,11 +103,9 @@ def bench_classify(ctx: Context) -> dict[str, Any]:
     features = torch.from_numpy(np.asarray(ctx.features("test").with_format("numpy")["image_features"])).float()
     classifiers = {
         **live_classifiers(ctx.test_images),
-        "library_per_call": (in_mode(by_library, "per_call"), ctx.test_images),
-        "library_int8": (in_mode(by_library, "int8_per_call"), ctx.test_images),
+        "library_per_call": (per_call(by_library), ctx.test_images),
         "library_cached": (by_library_on_features, features),
-        "library_per_call_cached": (in_mode(by_library_on_features, "per_call"), features),
-        "library_int8_cached": (in_mode(by_library_on_features, "int8_per_call"), features),
+        "library_per_call_cached": (per_call(by_library_on_features), features),
         "reference_cached": (batched(classify_features_by_generate), features),
     }
     res = time_classifiers(ctx, model, ctx.names, classifiers)
@@ -124,8 +119,6 @@ def bench_classify(ctx: Context) -> dict[str, Any]:
         res.setdefault("ratio", {})[lib] = ratios(res[ref], res[lib])
         res.setdefault("ratio_cached", {})[lib] = ratios(res[f"{ref}_cached"], res[f"{lib}_cached"])
     res["paired"] = paired_difference(res["preds"]["library"][0], res["preds"]["reference"][0], ctx.test_truth)
-    res["paired_int8"] = paired_difference(res["preds"]["library_int8"][0], res["preds"]["library"][0],
-                                           ctx.test_truth)
     return res
 
 
@@ -157,8 +150,7 @@ def report_classify(ctx: Context, res: dict[str, Any]) -> str:
            if w in res["ratio"] else " | |")
         for w in LABELS
     ]
-    acc = {w: res["accuracy"][w][0] for w in ("library", "library_int8", "reference")}
-    se = {w: standard_error(a, n) for w, a in acc.items()}
+    acc = {w: res["accuracy"][w][0] for w in ("library", "reference")}
     note = "" if all(res["deterministic"].values()) else " Predictions differed between repeats (the first shown)."
     return "\n".join([
         "## 2. Classification",
@@ -181,12 +173,12 @@ def report_classify(ctx: Context, res: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
         *rows,
         "",
-        "| | library | library, int8 | reference |",
-        "|---|---|---|---|",
-        "| accuracy (one standard error) | "
-        + " | ".join(f"{acc[w]:.1%} ({se[w]:.1%})" for w in ("library", "library_int8", "reference")) + " |",
+        "| | library | reference |",
+        "|---|---|---|",
+        f"| accuracy (one standard error) | {acc['library']:.1%} ({standard_error(acc['library'], n):.1%}) | "
+        f"{acc['reference']:.1%} ({standard_error(acc['reference'], n):.1%}) |",
         f"| answers naming a class | {res['valid']['library'][0]:.0%} (by construction) | "
-        f"{res['valid']['library_int8'][0]:.0%} (by construction) | {res['valid']['reference'][0]:.0%} |",
+        f"{res['valid']['reference'][0]:.0%} |",
         "",
         classify_verdict(res) + note,
     ])
@@ -195,9 +187,8 @@ def report_classify(ctx: Context, res: dict[str, Any]) -> str:
 def classify_verdict(res: dict[str, Any]) -> str:
     p = res["paired"]
     live, cached = (statistics.median(res[k]["library"]) for k in ("ratio", "ratio_cached"))
-    same = all(res["preds"][w][0] == res["preds"]["library"][0] for w in EXACT)
+    same = all(res["preds"][w][0] == res["preds"]["library"][0] for w in res["preds"] if w.startswith("library"))
     within = p["diff"] >= -p["se"]
-    q = res["paired_int8"]
     return (
         f"Accuracy, library minus reference on the same {p['n']} images: {p['diff']:+.1%}, one standard error of "
         f"that paired difference {p['se']:.1%} ({p['only_a']} images only the library gets right, {p['only_b']} "
@@ -205,8 +196,6 @@ def classify_verdict(res: dict[str, Any]) -> str:
         f"{'equal or better within one standard error' if within else 'worse by more than one standard error'}. "
         f"Targets: >= 3x live ({live:.2f}x, {'met' if live >= 3 else 'missed'}) and >= 3.5x cached ({cached:.2f}x, "
         f"{'met' if cached >= 3.5 else 'missed'}) at that accuracy. "
-        + ("The default and per-call rows give the same predictions (the kept copies compute exactly what "
-           "bitsandbytes does)." if same else "The default and per-call rows' predictions differ.")
-        + f" int8 minus the default on the same images: {q['diff']:+.1%} (one standard error {q['se']:.1%}; "
-        f"{q['only_a']} images only int8 gets right, {q['only_b']} only the default)."
+        + ("Every library row gives the same predictions (the kept copies compute exactly what bitsandbytes does)."
+           if same else "The library rows' predictions differ.")
     )

@@ -100,26 +100,3 @@ def test_copies_exist_only_when_and_while_they_should(llm_dir, vit_dir, images, 
     ds = colour_dataset(1, seed=2)
     per_call(**VLMCollator(per_call, LABELS)([ds[i] for i in range(3)])).loss.backward()
     assert copies(per_call) == 0  # training dequantizes in every pass
-
-
-def test_int8_copies_approximate_the_4bit_layers_during_a_call_only(llm_dir, vit_dir, images):
-    """`dequantize="int8_per_call"`: torch's dynamic-int8 matmul on int8 copies made for the call. Close to
-    bitsandbytes' result, not equal (activations are quantized at run time), and gone after the call."""
-    from vlm_adapters.dequantized import _INT8
-
-    plain = with_lora_values(attach(vit_dir, llm_dir, compute_dtype="float32"))
-    int8 = with_lora_values(attach(vit_dir, llm_dir, compute_dtype="float32", dequantize="int8_per_call"))
-    int8_copies = lambda: sum(_INT8 in m.__dict__ for m in int8.base_llm.modules())  # noqa: E731
-    features = plain.vision.encode_images(images)
-    want = plain.score_labels(features, LABELS, "Colour?")
-    with int8.reuse_prompt_cache():
-        assert int8_copies() == layers(int8) and copies(int8) == 0
-        layer = next(m for m in int8.base_llm.modules() if isinstance(m, bnb.nn.Linear4bit))
-        x = torch.randn(5, layer.in_features)
-        exact = bnb.nn.Linear4bit.forward(layer, x)
-        assert 0 < (layer(x) - exact).norm() / exact.norm() < 0.02
-        got = int8.score_labels(features, LABELS, "Colour?")
-    assert int8_copies() == 0
-    assert not torch.equal(got, want)
-    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
-    assert int8.predict(images, LABELS) == plain.predict(images, LABELS)

@@ -25,7 +25,7 @@ Quantization = Literal["nf4", "int8"]
 ProjectorKind = Literal["linear", "mlp2x_gelu"]
 PoolingKind = Literal["avg", "pixel_shuffle"]
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
-Dequantize = Literal["per_forward", "per_call", "once", "int8_per_call"]
+Dequantize = Literal["per_forward", "per_call", "once"]
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the metadata key HfArgumentParser reads
@@ -60,8 +60,7 @@ class AttachOptions:
     dequantize: Dequantize = option(
         "per_forward", "when 4-bit weights are dequantized: in every pass (bitsandbytes' way, least memory); "
         "per_call: once per inference call (a compute-dtype copy while it runs); once: kept for training and "
-        "inference (costs 2 bytes per weight in bf16, 4 in fp32); int8_per_call: CPU inference on int8 copies "
-        "made per call (not exact: see docs/benchmarks.md)"
+        "inference (fastest on a CPU; costs 2 bytes per weight in bf16, 4 in fp32)"
     )
     image_size: int = option(224, "input size of the default image processor for a bare torch encoder")
     classify_prompt: str = option("What is shown in this image?", "the user prompt for classification")

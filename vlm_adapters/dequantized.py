@@ -8,13 +8,9 @@ cost of the short forward passes inference runs (one per batch and round, one pe
 - "per_forward": bitsandbytes' own way; only the 4-bit weights stay in memory;
 - "per_call": each inference call (`predict`, `classify`, `describe`, `evaluate`) dequantizes every
   weight once at its start and drops the copies at its end; training runs per forward;
-- "once": the copies are made at attach / load and kept (training and inference);
-- "int8_per_call" (CPU): each inference call quantizes every weight to int8, one scale per output
-  channel, and runs torch's dynamic-int8 matmul (fbgemm / oneDNN: activations quantized per tensor
-  at run time). Not exact, so inference only and measured in docs/benchmarks.md; training runs per
-  forward. torch has no 4-bit CPU matmul, and an int8 one is faster than a bf16 or fp32 one here.
+- "once": the copies are made at attach / load and kept (training and inference).
 
-A compute-dtype copy is exactly what bitsandbytes computes in each pass, so the results are the same (tested);
+A copy is exactly what bitsandbytes computes in each pass, so the results are the same (tested);
 it costs the memory of the full-precision weights (2 bytes per weight in bfloat16, 4 in float32)
 on top of the 4-bit ones, while it exists.
 """
@@ -23,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from collections.abc import Iterator
 
 import torch
@@ -32,7 +27,6 @@ from bitsandbytes.nn import Linear4bit
 from torch import nn
 
 _COPY = "_vlm_adapters_dequantized"  # instance attribute, not a buffer: never saved, broadcast or counted as a weight
-_INT8 = "_vlm_adapters_int8"  # (packed int8 weight and bias, out_features), the same way
 
 
 def compute_weight(layer: Linear4bit, dtype: torch.dtype) -> torch.Tensor:
@@ -71,51 +65,21 @@ def keep_dequantized(model: nn.Module) -> int:
     return len(layers)
 
 
-def _int8_forward(layer: Linear4bit, x: torch.Tensor) -> torch.Tensor:
-    packed, out_features = layer.__dict__[_INT8]
-    out = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float(), packed)
-    return out.view(*x.shape[:-1], out_features).to(x.dtype)
-
-
-def keep_int8(model: nn.Module) -> int:
-    """Give every 4-bit layer of `model` an int8 copy of its weight (symmetric, one scale per output
-    channel) and the dynamic-int8 forward; returns how many. CPU only."""
-    if not hasattr(torch.ops.quantized, "linear_dynamic"):
-        raise RuntimeError(f"dequantize='int8_per_call' needs torch's quantized CPU ops, which torch "
-                           f"{torch.__version__} lacks; use dequantize='per_call'.")
-    layers = _layers(model)
-    # torch marks its quantized tensor constructors deprecated (for torchao); they are what its own CPU
-    # int8 matmul takes, and a warning on every call would say nothing the user can act on.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        for layer in layers:
-            weight = compute_weight(layer, torch.float32)
-            scale = (weight.abs().amax(1) / 127).clamp_min(1e-12).double()
-            zero = torch.zeros(len(scale), dtype=torch.long)
-            quantized = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
-            bias = None if layer.bias is None else layer.bias.float()
-            layer.__dict__[_INT8] = (torch.ops.quantized.linear_prepack(quantized, bias), weight.shape[0])
-            layer.forward = functools.partial(_int8_forward, layer)
-    return len(layers)
-
-
 def drop_dequantized(model: nn.Module) -> None:
-    """Free the kept copies (compute-dtype or int8): back to dequantizing in every pass."""
+    """Free the kept copies: back to dequantizing in every pass."""
     for layer in model.modules():
         if isinstance(layer, Linear4bit):
             layer.__dict__.pop(_COPY, None)
-            layer.__dict__.pop(_INT8, None)
             layer.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager
-def dequantized_during(model: nn.Module, int8: bool = False) -> Iterator[None]:
-    """Copies (compute-dtype, or int8) for the duration of the block (one inference call), unless the
-    model already keeps compute-dtype ones."""
+def dequantized_during(model: nn.Module) -> Iterator[None]:
+    """Copies for the duration of the block (one inference call), unless the model already keeps them."""
     if any(_COPY in m.__dict__ for m in model.modules()):
         yield
         return
-    keep_int8(model) if int8 else keep_dequantized(model)
+    keep_dequantized(model)
     try:
         yield
     finally:

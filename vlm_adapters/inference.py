@@ -72,17 +72,12 @@ class InferenceMixin:
             self._head_caches = None
 
     def _dequantized_for_call(self) -> contextlib.AbstractContextManager[None]:
-        """Compute-dtype (`dequantize="per_call"`) or int8 (`"int8_per_call"`) copies of the 4-bit weights
-        for one inference call."""
-        mode = self.config.dequantize
-        if mode not in ("per_call", "int8_per_call") or self.config.quantization != "nf4":
+        """Compute-dtype copies of the 4-bit weights for one inference call (`dequantize="per_call"`)."""
+        if self.config.dequantize != "per_call" or self.config.quantization != "nf4":
             return contextlib.nullcontext()
-        if mode == "int8_per_call" and self.device.type != "cpu":
-            raise ValueError(f"dequantize='int8_per_call' runs torch's CPU int8 kernels; this model is on "
-                             f"{self.device}. Use dequantize='per_call' there.")
         from .dequantized import dequantized_during
 
-        return dequantized_during(self.base_llm, int8=mode == "int8_per_call")
+        return dequantized_during(self.base_llm)
 
     def _context(self, head_ids: Sequence[int], batch: int) -> DynamicCache:
         """KV cache of what precedes the image, repeated over the batch: the PEFT prefix (if any) and
