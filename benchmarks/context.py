@@ -93,9 +93,11 @@ class Context:
         self, model: VisionLanguageModel, data: Any, callbacks: list[Any] | None = None, **overrides: Any
     ) -> dict[str, Any]:
         """`model.fit` with the shared arguments; projector at the same lr, no describe examples (the
-        reference trains only the classify prompt, so both see the same sequences)."""
+        reference trains only the classify prompt, so both see the same sequences) and no label prior
+        (whose gate rows would be kept out of the LLM's training, and whose probe, with its gate closed,
+        would classify without running the LLM: the reference has neither)."""
         return model.fit(
-            data, projector_lr=self.sizes.learning_rate, describe_ratio=0.0, callbacks=callbacks,
+            data, projector_lr=self.sizes.learning_rate, describe_ratio=0.0, label_prior=False, callbacks=callbacks,
             **self.train_args(self.dir("fit"), **overrides),
         )
 
