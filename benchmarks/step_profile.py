@@ -1,6 +1,6 @@
 """Where a library training step's CPU time goes, by kind of operator (torch.profiler's self CPU time),
 on the demo's model: EfficientNet-Lite0 -> MLP projector -> SmolLM2-135M-Instruct in NF4 with LoRA r16,
-16 image tokens, `fit` with default options on label rows of Fashion-MNIST (features from the cache).
+16 image tokens, `fit` with default options on label rows of Fashion-MNIST (features from the cache), label_prior=False.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/step_profile.py [--steps 5] [--dequantize per_forward]
         [--output docs/benchmarks.md]
@@ -74,7 +74,8 @@ def render(totals: dict[str, float], steps: int, options: argparse.Namespace, dt
         "## 7. Where a training step's time goes, by operator",
         "",
         f"`{' '.join(['python benchmarks/step_profile.py', *sys.argv[1:]])}` ({datetime.date.today().isoformat()}; "
-        f"{machine()}): the demo's model, `fit` with default options and `dequantize={options.dequantize!r}`, "
+        f"{machine()}): the demo's model, `fit` with default options but `label_prior=False` (the step, not the "
+        f"prior's fit after it) and `dequantize={options.dequantize!r}`, "
         f"batch size {options.batch_size} of Fashion-MNIST label rows, compute dtype {dtype}; torch.profiler's "
         f"self CPU time of {steps} optimizer steps after {options.warmup} unprofiled ones, by kind of operator.",
         "",
