@@ -21,7 +21,7 @@ The scaler and the temperature are folded into the linear map; the prior is save
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ class LabelPrior(nn.Module):
     def covers(self, candidates: Sequence[str], features: torch.Tensor) -> bool:
         """Whether the prior knows every candidate and can pool these rows as it was fit: rows of as many
         images as its own, or any rows for a prior one image wide (all their images pooled together)."""
-        return set(candidates) <= set(self.labels) and self._pooled(features) is not None
+        return set(candidates) <= set(self.labels) and self._pooling(features) is not None
 
     @property
     def gated(self) -> bool:
@@ -61,11 +61,12 @@ class LabelPrior(nn.Module):
     def log_probs(self, features: torch.Tensor, candidates: Sequence[str]) -> torch.Tensor:
         """[B, K] probe log-probabilities over `candidates` (a subset of `labels`) from encoder features
         [B, tokens, hidden] or [B, images, tokens, hidden] (see `pool_images`)."""
-        pooled = self._pooled(features)
-        if pooled is None:
+        pool = self._pooling(features)
+        if pool is None:
             raise ValueError(f"this label prior was fit on rows of {self.weight.shape[1] // features.shape[-1]} "
                              f"image(s); these rows have {features.shape[1] if features.dim() == 4 else 1}. "
                              "Score them with prior=False (the LLM alone).")
+        pooled = pool(features).to(self.weight.device)
         rows = self._rows(candidates)
         return mixed_log_probs(pooled @ self.weight[rows].T + self.bias[rows], float(self.floor)).float()
 
@@ -78,14 +79,14 @@ class LabelPrior(nn.Module):
         offset, scale = self.offset_and_scale(features, candidates)
         return offset + scale * llm_scores
 
-    def _pooled(self, features: torch.Tensor) -> torch.Tensor | None:
-        """[B, C] the rows' features pooled as the prior was fit: each image on its own, or (a prior
-        whose width is one image's) every image together; None when neither matches its width."""
-        per_image = pool_images(features).to(self.weight.device)
-        if per_image.shape[1] == self.weight.shape[1]:
-            return per_image
+    def _pooling(self, features: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """How to pool these rows as the prior was fit, read off the shapes: each image on its own, or
+        (a prior whose width is one image's) every image together; None when neither gives its width."""
+        images = features.shape[1] if features.dim() == 4 else 1
+        if images * features.shape[-1] == self.weight.shape[1]:
+            return pool_images
         if features.shape[-1] == self.weight.shape[1]:
-            return features.flatten(1, -2).double().mean(1).to(self.weight.device)
+            return pool_together
         return None
 
     def _rows(self, candidates: Sequence[str]) -> torch.Tensor:
@@ -132,6 +133,11 @@ def pool_images(features: torch.Tensor) -> torch.Tensor:
     [B, tokens, hidden] or [B, images, tokens, hidden]: pooling the images together would lose which is
     which (a probe on rows of two images could not tell the second from the first)."""
     return features.double().mean(-2).flatten(1)
+
+
+def pool_together(features: torch.Tensor) -> torch.Tensor:
+    """[B, hidden] every token of each row mean-pooled, whatever image it belongs to."""
+    return features.flatten(1, -2).double().mean(1)
 
 
 def probe_pipeline(seed: int = 0, c: float = 0.5, class_weight: dict[int, float] | None = None):  # noqa: ANN201

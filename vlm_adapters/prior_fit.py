@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .label_prior import LabelPrior, pool_images
+from .label_prior import LabelPrior, pool_images, pool_together
+from .prior_views import resolve_view_kinds, view_features
 
 if TYPE_CHECKING:
     import datasets
@@ -33,13 +34,13 @@ def pooled_features(data: datasets.Dataset, rows: np.ndarray, chunk: int = 256) 
     from .data import FEATURES_COLUMN
 
     table = data.with_format("torch", columns=[FEATURES_COLUMN])
-    out = []
+    per_image, together = [], []  # pooled chunk by chunk: the rows' full features would not fit in memory
     for start in range(0, len(rows), chunk):
-        out += [f.float() for f in table[rows[start : start + chunk].tolist()][FEATURES_COLUMN]]
-    per_image = [pool_images(f[None])[0] for f in out]
-    if len({p.shape for p in per_image}) > 1:
-        per_image = [f.flatten(0, -2).mean(0) for f in out]
-    return torch.stack(per_image).numpy().astype(np.float64)
+        for f in table[rows[start : start + chunk].tolist()][FEATURES_COLUMN]:
+            per_image.append(pool_images(f[None])[0])
+            together.append(pool_together(f[None])[0])
+    pooled = per_image if len({p.shape for p in per_image}) == 1 else together
+    return torch.stack(pooled).numpy()
 
 
 def llm_label_scores(model: VisionLanguageCore, data: datasets.Dataset, rows: np.ndarray, names: Sequence[str],
@@ -91,8 +92,6 @@ def fit_label_prior(model: VisionLanguageCore, train: datasets.Dataset, eval_dat
     default); the gate on `gate_rows` of `train` (kept out of the LLM's training) with their out-of-fold
     probe log-probs, else on the eval split's label rows, else on at most `most` training rows (a seeded
     draw; each costs one scoring pass of the LLM)."""
-    from .prior_views import resolve_view_kinds, view_features
-
     rows, targets = label_rows(train, names)
     by_index = {names.index(label): w for label, w in class_weight.items()} if class_weight else None
     kinds = resolve_view_kinds(view_kinds, targets)
