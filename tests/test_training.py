@@ -20,6 +20,8 @@ What each test proves:
 - two_identical_fits_give_identical_adapters: the same fit twice gives byte-identical adapter files.
 - fit_standardizes_the_projector_input_with_training_statistics: fit sets the projector's per-channel mean / scale
   from the training features, and they travel with the saved adapter.
+- compiled_layers_train_as_eager_and_are_restored: `compile_layers=True` runs the decoder layers through torch.compile
+  (one graph for all of them) and trains to the eager run's losses and weights; the layers are eager again after fit.
 """
 
 from __future__ import annotations
@@ -238,3 +240,25 @@ def test_gradient_checkpointing_trains_lora_exactly_as_without(tmp_path, llm_dir
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
     for plain, recomputed in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_layers_train_as_eager_and_are_restored(tmp_path, llm_dir, vit_dir, colours):
+    from torch._dynamo.utils import counters
+
+    from vlm_adapters.compiled import compiled_layers, decoder_layers
+
+    runs = []
+    for compiled in (False, True):
+        graphs = counters["stats"]["unique_graphs"]
+        model = attach(vit_dir, llm_dir, compute_dtype="float32")
+        result = model.fit(colours[0], output_dir=str(tmp_path / str(compiled)), max_steps=4, save_strategy="no",
+                           compile_layers=compiled, **FAST)
+        assert (counters["stats"]["unique_graphs"] > graphs) == compiled
+        assert not any("forward" in layer.__dict__ for layer in decoder_layers(model.base_llm))
+        runs.append((_losses(result), [p.detach().clone() for p in model.adapter_parameters]))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-4)
+    for eager, fused in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(eager, fused, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="no decoder layers.*without compile_layers"):
+        with compiled_layers(torch.nn.Linear(2, 2)):
+            pass

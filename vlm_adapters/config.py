@@ -238,6 +238,10 @@ class FitOptions:
         "left and right by 1/14 of the width; 'flip': mirrored); None: shifts below 50 label rows per class, "
         "[] for none (prior_views.py)"
     )
+    compile_layers: bool = option(
+        False, "compile each decoder layer of the LLM with torch.compile (inductor) for the training steps: a "
+        "one-time compile first, then faster steps, so it pays on long runs; inference stays eager (compiled.py)"
+    )
     gate_holdout: float = option(
         0.2, "with label_prior and no eval split: the share of label rows (at most 500) kept out of the LLM's "
         "training to fit the gate on (0: fit it on the training rows, which the LLM has seen)"

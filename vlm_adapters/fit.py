@@ -7,6 +7,7 @@ fine-tuning stage, and evaluates on the eval split.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -18,6 +19,7 @@ import torch
 from transformers import EarlyStoppingCallback, TrainingArguments
 
 from .collator import VLMCollator
+from .compiled import compiled_layers
 from .config import FitOptions
 from .data import align_labels, as_dataset, class_weights, label_names, row_labels
 from .evaluation import evaluate
@@ -141,14 +143,15 @@ def _train_stages(
     stages = [("align", options.align_epochs)] if options.align_epochs > 0 and model.config.adapter != "none" else []
     stages.append(("finetune", args["num_train_epochs"]))
     result: dict[str, Any] = {}
-    for stage, epochs in stages:
-        model.set_stage(stage)
-        stage_args = dict(args, num_train_epochs=epochs)
-        if len(stages) > 1:
-            stage_args["output_dir"] = os.path.join(args["output_dir"], stage)
-        trainer = VLMTrainer(model=model, args=TrainingArguments(**stage_args), **trainer_kwargs)
-        output = trainer.train(resume_from_checkpoint=resume_from_checkpoint if stage == "finetune" else None)
-        result.update({f"{stage}_{k}" if len(stages) > 1 else k: v for k, v in output.metrics.items()})
+    with compiled_layers(model.base_llm) if options.compile_layers else contextlib.nullcontext():
+        for stage, epochs in stages:
+            model.set_stage(stage)
+            stage_args = dict(args, num_train_epochs=epochs)
+            if len(stages) > 1:
+                stage_args["output_dir"] = os.path.join(args["output_dir"], stage)
+            trainer = VLMTrainer(model=model, args=TrainingArguments(**stage_args), **trainer_kwargs)
+            output = trainer.train(resume_from_checkpoint=resume_from_checkpoint if stage == "finetune" else None)
+            result.update({f"{stage}_{k}" if len(stages) > 1 else k: v for k, v in output.metrics.items()})
     return result, trainer
 
 
