@@ -64,9 +64,8 @@ class Context:
             }[name]
             tokens = self.sizes.num_image_tokens
             model = self._models[tokens][0] if tokens in self._models else self.model(tokens)
-            shape = (model.projector.num_vision_tokens, model.config.vision_signature["hidden_size"])
             self._features[name] = with_image_features(
-                data, model.vision, token_shape=shape, cache_dir=os.path.join(self.tmp, "features")
+                data, model.vision, token_shape=model.feature_shape, cache_dir=os.path.join(self.tmp, "features")
             )
         return self._features[name]
 

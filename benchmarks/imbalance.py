@@ -115,8 +115,7 @@ def main() -> None:
            "valid": two_classes(pool, {COMMON: 60, RARE: 60}, skip={COMMON: 320, RARE: 40}),
            "test": two_classes(fashion_mnist("test", per_class=150, seed=0), {COMMON: 150, RARE: 150})}
     probe = attach(encoder, smollm2_instruct(), image_processor=processor, adapter="lora", num_image_tokens=16)
-    shape = (probe.projector.num_vision_tokens, probe.config.vision_signature["hidden_size"])
-    data = {k: with_image_features(v, probe.vision, token_shape=shape) for k, v in raw.items()}
+    data = {k: with_image_features(v, probe.vision, token_shape=probe.feature_shape) for k, v in raw.items()}
     del probe
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in CONDITIONS}
     for seed in args.seeds:

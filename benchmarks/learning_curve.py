@@ -220,8 +220,7 @@ def main() -> None:
     test = fashion_mnist("test", per_class=args.test_per_class, seed=0)
     union, index = union_of([test] + [fashion_mnist("train", per_class=n, seed=s) for n, s in plan])
     vision = attach_model(0, args.compute_dtype, json.loads(args.attach))
-    shape = (vision.projector.num_vision_tokens, vision.config.vision_signature["hidden_size"])
-    features = with_image_features(union, vision.vision, token_shape=shape)
+    features = with_image_features(union, vision.vision, token_shape=vision.feature_shape)
     del vision
     x, y = pooled(features), np.asarray(features["label"])
     test_f = features.select(index[0])

@@ -9,7 +9,8 @@ from PIL import Image
 
 from vlm_adapters import attach
 from vlm_adapters.label_prior import LabelPrior, out_of_fold_logits, pool_images, probe_pipeline
-from vlm_adapters.prior_views import image_views, resolve_view_kinds, view_features
+from vlm_adapters.prior_fit import view_features
+from vlm_adapters.prior_views import image_views, resolve_view_kinds
 
 LABELS = ["red", "green", "blue"]
 
@@ -49,7 +50,7 @@ def test_the_probe_trains_on_rows_and_views_but_held_out_rows_keep_their_views_o
     assert (in_sample == targets).mean() > 0.8  # what a probe that saw a row's views makes of the row
 
 
-def test_fit_adds_shifted_views_to_the_probe_of_a_small_set(tmp_path, llm_dir, vit_dir, colours):
+def test_fit_adds_shifted_views_to_the_probe_of_a_small_set(tmp_path, llm_dir, vit_dir, colours, cache_dir):
     train, test = colours
     rows = np.arange(len(train))
     images = [train[i]["image"] for i in rows]
@@ -61,8 +62,14 @@ def test_fit_adds_shifted_views_to_the_probe_of_a_small_set(tmp_path, llm_dir, v
                   prior_views=kinds)
         probe_on[str(kinds)] = model.label_prior
     pooled = pool_images(model.vision.encode_images(images)).numpy()
-    views = view_features(model.vision, train, rows, ["shift"])
-    assert views.shape == (2, len(train), pooled.shape[1])
+    views = np.stack([pool_images(model.vision.encode_images([image_views(image, ["shift"])[k] for image in images]))
+                      .numpy() for k in (0, 1)])  # [views, N, C]: left shifts, then right shifts
+    calls = []  # fit encoded the views into the feature cache: reading them again runs no encoder
+    hook = model.vision.encoder.register_forward_hook(lambda *a: calls.append(1))
+    torch.testing.assert_close(view_features(model, train, rows, ["shift"]), views.astype(np.float64),
+                               rtol=1e-4, atol=1e-5)
+    hook.remove()
+    assert not calls
     features = model.vision.encode_images([test[i]["image"] for i in range(len(test))])
     for kinds, expected_views in (("None", views), ("[]", None)):
         expected, _ = LabelPrior.fit(pooled, targets, LABELS, seed=0, views=expected_views)

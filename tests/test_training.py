@@ -154,7 +154,7 @@ def _same_weights(a, b) -> bool:
 def test_feature_cache_matches_live_encoder_and_is_reused(tmp_path, llm_dir, vit_dir, colours):
     train, _ = colours
     model = attach(vit_dir, llm_dir)
-    shape = (model.projector.num_vision_tokens, model.config.vision_signature["hidden_size"])
+    shape = model.feature_shape
     cached = with_image_features(train, model.vision, cache_dir=str(tmp_path), token_shape=shape)
     live = model.vision.encode_images(train["image"][:5])
     torch.testing.assert_close(torch.tensor(cached[FEATURES_COLUMN][:5]), live)

@@ -74,10 +74,9 @@ def _cache_features(
 ) -> datasets.Dataset | None:
     if data is None:
         return None
-    shape = (model.projector.num_vision_tokens, model.config.vision_signature["hidden_size"])
     return with_image_features(
         data, model.vision, batch_size=options.feature_batch_size, skip_bad_images=options.skip_bad_images,
-        token_shape=shape,
+        token_shape=model.feature_shape,
     )
 
 

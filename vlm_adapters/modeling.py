@@ -90,6 +90,11 @@ class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
         return prefix_length(self.llm)
 
     @property
+    def feature_shape(self) -> tuple[int, int]:
+        """(tokens, hidden) of one image's encoder features: what the feature cache stores per image."""
+        return self.projector.num_vision_tokens, self.config.vision_signature["hidden_size"]
+
+    @property
     def device(self) -> torch.device:
         return self.base_llm.get_input_embeddings().weight.device
 

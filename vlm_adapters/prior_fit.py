@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .label_prior import LabelPrior, pool_images, pool_together
-from .prior_views import resolve_view_kinds, view_features
+from .prior_views import resolve_view_kinds, views_of
 
 if TYPE_CHECKING:
     import datasets
@@ -41,6 +41,20 @@ def pooled_features(data: datasets.Dataset, rows: np.ndarray, chunk: int = 256) 
             together.append(pool_together(f[None])[0])
     pooled = per_image if len({p.shape for p in per_image}) == 1 else together
     return torch.stack(pooled).numpy()
+
+
+def view_features(model: VisionLanguageCore, images: datasets.Dataset, rows: np.ndarray, kinds: Sequence[str]
+                  ) -> np.ndarray | None:
+    """[views, N, C] pooled encoder features of the views `kinds` of the images of `rows` (prior_views.py),
+    through the feature cache; None where there is nothing to view."""
+    from .features import with_image_features
+
+    views = views_of(images, rows, kinds)
+    if views is None:
+        return None
+    cached = with_image_features(views, model.vision, token_shape=model.feature_shape)
+    pooled = pooled_features(cached, np.arange(len(views)))  # [N * views, C], each row's views in turn
+    return pooled.reshape(len(rows), -1, pooled.shape[-1]).transpose(1, 0, 2).astype(np.float64)
 
 
 def llm_label_scores(model: VisionLanguageCore, data: datasets.Dataset, rows: np.ndarray, names: Sequence[str],
@@ -96,7 +110,7 @@ def fit_label_prior(model: VisionLanguageCore, train: datasets.Dataset, eval_dat
     by_index = {names.index(label): w for label, w in class_weight.items()} if class_weight else None
     kinds = resolve_view_kinds(view_kinds, targets)
     same_rows = images is not None and len(images) == len(train)  # else skip_bad_images dropped rows: no views
-    views = view_features(model.vision, images, rows, kinds) if same_rows else None
+    views = view_features(model, images, rows, kinds) if same_rows else None
     prior, held_out = LabelPrior.fit(pooled_features(train, rows), targets, names, seed, by_index, views)
     prior.to(model.device)
     gate_data, picked = train, np.searchsorted(rows, gate_rows) if gate_rows is not None else None

@@ -11,19 +11,15 @@ not a chest X-ray's laterality), so it is not a default.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .images import load_image
-from .label_prior import pool_images
 
 if TYPE_CHECKING:
     import datasets
-
-    from .vision import VisionTower
 
 VIEW_KINDS = ("shift", "flip")
 # Below this many label rows in the smallest class, `prior_views=None` adds shifted views: the probe
@@ -62,18 +58,20 @@ def image_views(image: Image.Image, kinds: Sequence[str]) -> list[Image.Image]:
     return views
 
 
-def view_features(vision: VisionTower, data: datasets.Dataset, rows: np.ndarray, kinds: Sequence[str],
-                  batch_size: int = 32) -> np.ndarray | None:
-    """[views, N, C] pooled encoder features of each view of the 'image' of `rows` (`pool_images`, as
-    the probe pools), or None where there is nothing to view (no kinds, or rows of several images)."""
+def _views_batch(batch: dict[str, list[Any]], kinds: list[str]) -> dict[str, list[Image.Image]]:
+    return {"image": [view for item in batch["image"] for view in image_views(load_image(item), kinds)]}
+
+
+def views_of(data: datasets.Dataset, rows: np.ndarray, kinds: Sequence[str]) -> datasets.Dataset | None:
+    """An 'image' dataset of the views of the 'image' of `rows`: each row's views in turn, in
+    `image_views`' order. A `map` of `data`, so its fingerprint (and with it the feature cache's key)
+    is the same in every run on the same data: the views are encoded once, not at every `fit`. None
+    where there is nothing to view (no kinds, or rows of several images)."""
     if not kinds or "image" not in data.column_names or not len(rows):
         return None
-    column = data.select(rows.tolist()).select_columns(["image"])
-    pooled: list[torch.Tensor] = []
-    for start in range(0, len(column), batch_size):
-        images = [load_image(item) for item in column[start : start + batch_size]["image"]]
-        views = [view for image in images for view in image_views(image, kinds)]
-        per_image = len(views) // len(images)
-        features = pool_images(vision.encode_images(views)).float()  # [images * per_image, C]
-        pooled.append(features.reshape(len(images), per_image, -1))
-    return torch.cat(pooled).transpose(0, 1).numpy().astype(np.float64)
+    import datasets
+
+    return data.select(rows.tolist()).select_columns(["image"]).map(
+        _views_batch, batched=True, batch_size=64, fn_kwargs={"kinds": list(kinds)},
+        features=datasets.Features({"image": datasets.Image()}), desc="views for the label prior",
+    )

@@ -99,9 +99,8 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
         )
 
     with phase(report, "encode images (cached)"):
-        shape = (model.projector.num_vision_tokens, model.config.vision_signature["hidden_size"])
-        train_f = with_image_features(train, model.vision, token_shape=shape)
-        test_f = with_image_features(test, model.vision, token_shape=shape)
+        train_f = with_image_features(train, model.vision, token_shape=model.feature_shape)
+        test_f = with_image_features(test, model.vision, token_shape=model.feature_shape)
 
     with phase(report, "linear probe"):
         figures["linear_probe_accuracy"] = linear_probe(train_f, test_f, opts.seed)
