@@ -102,8 +102,15 @@ def run_one(
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error; the error is NaN for a single value (one seed has none)."""
     arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else 0.0
+    return float(arr.mean()), float(arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else float("nan")
+
+
+def plus_minus(value: tuple[float, float], decimals: int, sign: str = "") -> str:
+    """'mean +- se' in points, or the mean alone where there is no standard error."""
+    mean = f"{100 * value[0]:{sign}.{decimals}f}"
+    return mean if np.isnan(value[1]) else f"{mean} +- {100 * value[1]:.{decimals}f}"
 
 
 def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -125,7 +132,7 @@ def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     def cell(value: tuple[float, float] | None) -> str:
-        return "-" if value is None else f"{100 * value[0]:.1f} +- {100 * value[1]:.1f}"
+        return "-" if value is None else plus_minus(value, 1)
 
     lines = [
         "| compute dtype | train images per class | seeds | VLM | linear probe | VLM - probe, paired by seed "
@@ -133,7 +140,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        paired = f"{100 * r['paired'][0]:+.2f} +- {100 * r['paired'][1]:.2f}"  # differences of a few tenths
+        paired = plus_minus(r["paired"], 2, "+")  # differences of a few tenths
         lines.append(
             f"| {r['dtype']} | {r['size']} | {r['runs']} | {cell(r['vlm'])} | {cell(r['probe'])} | {paired} "
             f"| {cell(r['zero_shot'])} | {r['gate']} | {r['fit_s']:.0f} |"
@@ -156,7 +163,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
         if any(r[key] is None for r in points):
             continue
         ax.errorbar([r["size"] for r in points], [100 * r[key][0] for r in points],
-                    yerr=[100 * r[key][1] for r in points], marker="o", capsize=3, label=name)
+                    yerr=[100 * np.nan_to_num(r[key][1]) for r in points], marker="o", capsize=3, label=name)
     ax.set_xscale("log")
     ax.set_xlabel("training images per class")
     ax.set_ylabel("test accuracy (%)")
@@ -178,8 +185,9 @@ def write_section(args: argparse.Namespace, rows: list[dict[str, Any]], test_siz
         "",
         f"`attach(...)` as the demo does, then `fit(train)` with default options, on `fashion_mnist('train', "
         f"per_class=n, seed=s)` for seeds {args.seeds}; the same {test_size} t10k test images for every run. Mean "
-        "+- one standard error over the seeds; the probe is the demo's (standardised mean-pooled features, "
-        f"logistic regression). Compute dtype: the table's column. Command: `{command}`{took}.",
+        "+- one standard error over the seeds (a row of one seed shows its value alone); the probe is the demo's "
+        "(standardised mean-pooled features, logistic regression). Compute dtype: the table's column. Command: "
+        f"`{command}`{took}.",
         "",
         table(rows),
         "",
