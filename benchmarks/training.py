@@ -130,9 +130,9 @@ def report_training(ctx: Context, res: dict[str, Any]) -> str:
         "headline runs it as a user training a 135M model would, without gradient checkpointing, and the second "
         "row with it on, as in the HF cookbook's QLoRA recipe. All runs start from the same initial weights, in an "
         "order rotated over the repeats; one untimed 1-step run of each comes first. `compile_layers=True` "
-        "compiles the decoder layers (torch.compile, `vlm_adapters/compiled.py`) in that warm-up run, which took "
+        "compiles the decoder layers (torch.compile, `vlm_adapters/compiled.py`) from that warm-up run on, which took "
         f"{res['warmup_s']['library_compiled']:.1f} s against {res['warmup_s']['library']:.1f} s for the default's; "
-        "its timed runs reuse the compiled code, so its rows leave the one-time compile out.",
+        "a timed run that compiles again (for other shapes) carries that time.",
         "",
         "| | training samples/s, median (min-max) | the Trainer's own `train_samples_per_second` (its loop "
         "only: no encoding, no setup) | train loss (mean over the run) |",
