@@ -132,7 +132,7 @@ def report_training(ctx: Context, res: dict[str, Any]) -> str:
         "order rotated over the repeats; one untimed 1-step run of each comes first. `compile_layers=True` "
         "compiles the decoder layers (torch.compile, `vlm_adapters/compiled.py`) from that warm-up run on, which took "
         f"{res['warmup_s']['library_compiled']:.1f} s against {res['warmup_s']['library']:.1f} s for the default's; "
-        "a timed run that compiles again (for other shapes) carries that time.",
+        "a timed run that compiles again carries that time.",
         "",
         "| | training samples/s, median (min-max) | the Trainer's own `train_samples_per_second` (its loop "
         "only: no encoding, no setup) | train loss (mean over the run) |",
