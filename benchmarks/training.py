@@ -78,8 +78,8 @@ def bench_training(ctx: Context) -> dict[str, Any]:
     samples = len(ctx.train) * s.epochs
     runs = {which: runner(ctx, which) for which in RUNS}
     log("training: warm-up (1 untimed step each; the compiled run's is where it compiles)")
-    out: dict[str, Any] = {"samples_per_s": {}, "steps": {}, "loss": {}, "trainer": {}, "samples": samples}
-    out["warmup_s"] = {}
+    out: dict[str, Any] = {"samples_per_s": {}, "steps": {}, "loss": {}, "trainer": {}, "samples": samples,
+                           "warmup_s": {}}
     for which, run in runs.items():
         ctx.model(s.num_image_tokens)
         out["warmup_s"][which] = run(max_steps=1)[0]

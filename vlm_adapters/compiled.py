@@ -7,7 +7,8 @@ compiled graph serves all of them; inductor fuses the elementwise work between t
 
 Why training only: inference feeds a KV cache whose per-layer state the compiled graph guards on,
 which recompiles layer after layer; forward passes without gradients (evaluation, `predict`,
-`generate`) therefore run the layers eagerly, and `fit` restores them when it ends.
+`generate`) therefore run the layers eagerly, and `fit` restores them when it ends. accelerate's
+`compile_regions` compiles the same repeated blocks, but for good and for every pass, inference included.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .label_prior import LabelPrior, pool_images, pool_together
+from .label_prior import LabelPrior, pool_images
 from .prior_views import resolve_view_kinds, views_of
 
 if TYPE_CHECKING:
@@ -34,13 +34,13 @@ def pooled_features(data: datasets.Dataset, rows: np.ndarray, chunk: int = 256) 
     from .data import FEATURES_COLUMN
 
     table = data.with_format("torch", columns=[FEATURES_COLUMN])
-    per_image, together = [], []  # pooled chunk by chunk: the rows' full features would not fit in memory
+    per_image = []  # pooled chunk by chunk: the rows' full features would not fit in memory
     for start in range(0, len(rows), chunk):
-        for f in table[rows[start : start + chunk].tolist()][FEATURES_COLUMN]:
-            per_image.append(pool_images(f[None])[0])
-            together.append(pool_together(f[None])[0])
-    pooled = per_image if len({p.shape for p in per_image}) == 1 else together
-    return torch.stack(pooled).numpy()
+        per_image += [pool_images(f[None])[0] for f in table[rows[start : start + chunk].tolist()][FEATURES_COLUMN]]
+    if len({p.shape for p in per_image}) > 1:  # all tokens together: the mean of its images' (equal-sized) means
+        hidden = data.features[FEATURES_COLUMN].shape[-1]
+        per_image = [p.reshape(-1, hidden).mean(0) for p in per_image]
+    return torch.stack(per_image).numpy()
 
 
 def view_features(model: VisionLanguageCore, images: datasets.Dataset, rows: np.ndarray, kinds: Sequence[str]
@@ -54,7 +54,7 @@ def view_features(model: VisionLanguageCore, images: datasets.Dataset, rows: np.
         return None
     cached = with_image_features(views, model.vision, token_shape=model.feature_shape)
     pooled = pooled_features(cached, np.arange(len(views)))  # [N * views, C], each row's views in turn
-    return pooled.reshape(len(rows), -1, pooled.shape[-1]).transpose(1, 0, 2).astype(np.float64)
+    return pooled.reshape(len(rows), -1, pooled.shape[-1]).transpose(1, 0, 2)  # float64, as pool_images pools
 
 
 def llm_label_scores(model: VisionLanguageCore, data: datasets.Dataset, rows: np.ndarray, names: Sequence[str],
