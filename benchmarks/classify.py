@@ -16,6 +16,7 @@ from benchmarks.common import log, ratios, stat, stopwatch
 from benchmarks.context import Context
 from benchmarks.reference import classify_by_generate, classify_features_by_generate
 from vlm_adapters import VisionLanguageModel
+from vlm_adapters.metrics import paired_difference
 
 ClassifyFn = Callable[[VisionLanguageModel, Any, list[str], int], list[int]]
 
@@ -124,17 +125,6 @@ def bench_classify(ctx: Context) -> dict[str, Any]:
 
 def accuracy(preds: list[int], truth: list[int]) -> float:
     return sum(p == t for p, t in zip(preds, truth, strict=True)) / len(truth)
-
-
-def paired_difference(a: list[int], b: list[int], truth: list[int]) -> dict[str, float]:
-    """Accuracy of a minus accuracy of b on the same images, with the standard error of that paired
-    difference (from the images exactly one of the two gets right)."""
-    only_a = sum(x == t != y for x, y, t in zip(a, b, truth, strict=True))
-    only_b = sum(y == t != x for x, y, t in zip(a, b, truth, strict=True))
-    n = len(truth)
-    diff = (only_a - only_b) / n
-    se = math.sqrt(max(only_a + only_b - n * diff**2, 0.0)) / n
-    return {"diff": diff, "se": se, "only_a": only_a, "only_b": only_b, "n": n}
 
 
 def standard_error(p: float, n: int) -> float:

@@ -13,7 +13,8 @@ What each test proves:
   folder in that cache, which transformers loads (the conversion itself: test_assets).
 - demo_runs_end_to_end_on_a_few_images: `demo` on 2 + 1 images per class runs every phase and writes the report, the
   adapter, the confusion matrix; the reloaded adapter predicts the same; the scores are on the test images; its
-  short mosaic stage captions and answers test mosaics.
+  short mosaic stage captions and answers test mosaics; the VLM - probe difference is paired on the test images; the
+  adapter keeps the demo's dequantize="once".
 - demo_mosaic_runs_end_to_end_on_a_few_mosaics: `demo mosaic` on 6 train / 3 test mosaics scores the trained,
   zero-shot and classification-only models and the probe, writes report.json, the PNG and its section of the
   results file (keeping the rest of that file), and prints the table.
@@ -271,11 +272,15 @@ def test_demo_runs_end_to_end_on_a_few_images(tmp_path, capsys):
     assert all(0 <= figures[k] <= 1 for k in ("accuracy", "balanced_accuracy", "roc_auc", "ece",
                                               "linear_probe_accuracy", "zero_shot_accuracy"))
     assert figures["train_loss"] > 0 and figures["reload_same_predictions"] is True
+    paired = figures["vlm_minus_probe"]
+    assert paired["n"] == 10 and paired["diff"] == pytest.approx(figures["accuracy"] - figures["linear_probe_accuracy"])
     assert len(figures["describe_examples"]) == 2 and all(e["text"] for e in figures["describe_examples"])
     assert set(os.listdir(out / "adapter")) == {"vlm_adapter_config.json", "projector.safetensors",
                                                 "adapter_config.json", "adapter_model.safetensors", "README.md",
                                                 "label_prior.safetensors"}
     assert (out / "confusion_matrix.png").exists() and (out / "roc_curve.png").exists()
+    saved = json.loads((out / "adapter" / "vlm_adapter_config.json").read_text())
+    assert saved["dequantize"] == "once"  # the demo keeps compute-dtype copies of its 4-bit weights
     assert len(figures["mosaic_examples"]) == 2 and all(e["caption"] for e in figures["mosaic_examples"])
     assert 0 <= figures["mosaic_cells_right"] <= 1 and "mosaics: caption + worked answers" in report["phases_s"]
     assert "| VLM accuracy (label scoring, 10 test images) |" in capsys.readouterr().out

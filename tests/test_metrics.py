@@ -8,6 +8,8 @@ What each test proves:
 - sensitivity_at_specificity_and_its_threshold: the operating point and its threshold on a hand-made ROC; one-sided
   data is refused by name.
 - coverage_accuracy_keeps_the_confident_images: coverage and accuracy per abstention threshold.
+- paired_difference_by_hand: accuracy difference of two classifiers on the same rows and its standard error from the
+  rows only one gets right; rows of unequal count are refused.
 - evaluate_modules_run_offline_from_a_local_script: a metric script written here loads offline (as a path and as a
   module), gets the label probabilities it asks for, and a name the built-ins use is prefixed.
 - fit_temperature_recovers_a_known_temperature: scores made 3x too sharp (or 2x too flat) give T = 3 (0.5).
@@ -31,6 +33,7 @@ from vlm_adapters.metrics import (
     coverage_accuracy,
     expected_calibration_error,
     module_results,
+    paired_difference,
     sensitivity_at_specificity,
 )
 
@@ -118,6 +121,18 @@ class Hits(evaluate.Metric):
                 "accuracy": -1.0,
                 "true_probability": sum(s[r] for s, r in zip(prediction_scores, references)) / len(references)}
 '''
+
+
+def test_paired_difference_by_hand():
+    truth = [0, 1, 2, 2, 0]
+    p = paired_difference([0, 1, 2, 0, 1], [0, 1, 0, 1, 1], truth)  # 3 right vs 2: only row 2 differs
+    assert (p["only_a"], p["only_b"], p["n"]) == (1, 0, 5) and p["diff"] == pytest.approx(0.2)
+    d = np.array([0, 0, 1, 0, 0])  # per-row difference of "right"
+    assert p["se"] == pytest.approx(d.std() / np.sqrt(5))
+    same = paired_difference(truth, truth, truth)
+    assert same["diff"] == 0 and same["se"] == 0
+    with pytest.raises(ValueError, match="two predictions per row"):
+        paired_difference([0, 1], [0], [0, 1])
 
 
 def test_evaluate_modules_run_offline_from_a_local_script(tmp_path):

@@ -143,6 +143,7 @@ def test_evaluate_argmax_equals_predict_labels_over_the_adapter_labels(half_trai
     expected = np.zeros((3, 3), int)
     np.add.at(expected, (test["label"], top.numpy()), 1)
     assert report["confusion_matrix"] == expected.tolist()
+    assert report["predicted_labels"] == [LABELS[i] for i in top]  # row by row, in the data's order
     # an eval set holding two of the three classes (string labels) is still scored over all three
     only_two = [{"image": row["image"], "label": LABELS[row["label"]]} for row in test if row["label"] != 2]
     partial = model.evaluate(only_two, progress=False)
@@ -158,7 +159,8 @@ def test_label_rows_among_answer_rows(half_trained, splits):
     mixed = labelled[:10] + answers + labelled[10:]
     alone = model.evaluate(labelled, progress=False)
     both = model.evaluate(mixed, max_new_tokens=2, progress=False)
-    for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece", "confusion_matrix", "coverage_accuracy"):
+    for key in ("accuracy", "balanced_accuracy", "roc_auc", "ece", "confusion_matrix", "coverage_accuracy",
+                "predicted_labels"):
         assert both[key] == alone[key], key
     assert both["images"] == len(labelled) and len(both["predictions"]) == 4 and "exact_match" in both
     temperature = model.config.temperature

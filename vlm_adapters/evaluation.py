@@ -163,7 +163,8 @@ def evaluate(
 
     Label rows: accuracy, balanced accuracy, macro / weighted F1, per-class precision, recall
     (= sensitivity), specificity, F1, support, ROC-AUC and PR-AUC; macro one-vs-rest `roc_auc` and
-    `pr_auc`; `ece` (15 bins); the confusion matrix; `coverage_accuracy` (the share of rows kept and
+    `pr_auc`; `ece` (15 bins); the confusion matrix; `predicted_labels` (each label row's top label, in
+    order); `coverage_accuracy` (the share of rows kept and
     their accuracy for each `abstain_below` threshold 0, 0.05, ..., 1). Scored over the adapter's labels;
     a label it does not know is an error. `at_specificity=0.95` adds `sensitivity_at_specificity`
     for `positive_label` (default: the second of two labels) with the probability threshold that
@@ -215,6 +216,7 @@ def _classification(
 ) -> dict[str, Any]:
     """The label rows' report (see `evaluate`); its headline numbers go on the model card."""
     report = classification_metrics(true, probs, names)
+    report["predicted_labels"] = [names[i] for i in probs.argmax(-1)]  # per label row, in the data's order
     if positive is not None:
         report["sensitivity_at_specificity"] = sensitivity_at_specificity(true, probs, positive, at_specificity, names)
     report.update(module_results(metrics, probs.argmax(-1).tolist(), true, probs))

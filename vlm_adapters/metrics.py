@@ -71,6 +71,20 @@ def classification_metrics(
     }
 
 
+def paired_difference(a: Sequence[int], b: Sequence[int], truth: Sequence[int]) -> dict[str, float]:
+    """Accuracy of predictions `a` minus that of `b` on the same rows, with the standard error of that
+    paired difference. Its variance comes only from the rows exactly one of the two gets right, so two
+    classifiers that mostly agree are compared far more tightly than their two accuracies' own errors allow."""
+    a, b, truth = (np.asarray(x) for x in (a, b, truth))
+    if not len(a) == len(b) == len(truth) > 0:
+        raise ValueError(f"paired_difference needs two predictions per row: {len(a)}, {len(b)}, {len(truth)} rows")
+    only_a, only_b = int(((a == truth) & (b != truth)).sum()), int(((b == truth) & (a != truth)).sum())
+    n = len(truth)
+    diff = (only_a - only_b) / n
+    se = float(np.sqrt(max(only_a + only_b - n * diff**2, 0.0)) / n)
+    return {"diff": diff, "se": se, "only_a": only_a, "only_b": only_b, "n": n}
+
+
 def _one_vs_rest(true: np.ndarray, probs: np.ndarray, k: int) -> tuple[float | None, float | None]:
     """ROC-AUC and PR-AUC (average precision) of class k against the rest; None without both outcomes.
     Per class, because sklearn's multi-class roc_auc_score refuses a class absent from the data."""

@@ -22,6 +22,7 @@ import torch
 from ..builder import attach, load
 from ..features import FEATURES_COLUMN, with_image_features
 from ..label_prior import probe_pipeline
+from ..metrics import paired_difference
 from .assets import efficientnet_lite0, fashion_mnist, smollm2_instruct
 from .mosaic_data import build_mosaics, caption, parse_answer, parse_caption, task_rows
 
@@ -44,6 +45,10 @@ class DemoOptions:
     per_device_train_batch_size: int = 8
     system_prompt: str = "You classify images."
     compute_dtype: str = "auto"
+    # attach's `dequantize`: "once" keeps a compute-dtype copy of the 4-bit weights (the demo's LLM is 135M
+    # parameters, a few hundred MB) so no pass dequantizes again; docs/results.md has its fine-tune time.
+    dequantize: str = "once"
+    compile_layers: bool = False  # fit's torch.compile of the decoder layers (docs/benchmarks.md, section 1)
     # fit's label prior (label_prior.py); docs/results.md has the demo with it on (0.868) and off (0.852).
     label_prior: bool = True
     mosaic_train: int = 200
@@ -71,14 +76,15 @@ def phase(report: DemoReport, name: str) -> Iterator[None]:
     report.phases_s[name] = round(time.perf_counter() - start, 1)
 
 
-def linear_probe(train: Any, test: Any, seed: int) -> float:
-    """Logistic regression on mean-pooled frozen features: the floor the VLM has to reach."""
+def linear_probe(train: Any, test: Any, seed: int) -> np.ndarray:
+    """Logistic regression on mean-pooled frozen features, the floor the VLM has to reach: its
+    predicted label index for each test row."""
     def pooled(ds: Any) -> np.ndarray:
         return np.asarray(ds.with_format("numpy")[FEATURES_COLUMN]).mean(axis=1)
 
     probe = probe_pipeline(seed)
     probe.fit(pooled(train), np.asarray(train["label"]))
-    return float(probe.score(pooled(test), np.asarray(test["label"])))
+    return probe.predict(pooled(test))
 
 
 def run_demo(options: DemoOptions | None = None) -> DemoReport:
@@ -95,15 +101,17 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
         model = attach(
             encoder, smollm2_instruct(), image_processor=processor, adapter="lora", quantization="nf4",
             num_image_tokens=opts.num_image_tokens, system_prompt=opts.system_prompt, seed=opts.seed,
-            compute_dtype=opts.compute_dtype,
+            compute_dtype=opts.compute_dtype, dequantize=opts.dequantize,
         )
 
+    names = train.features["label"].names
     with phase(report, "encode images (cached)"):
         train_f = with_image_features(train, model.vision, token_shape=model.feature_shape)
         test_f = with_image_features(test, model.vision, token_shape=model.feature_shape)
 
     with phase(report, "linear probe"):
-        figures["linear_probe_accuracy"] = linear_probe(train_f, test_f, opts.seed)
+        probe_predictions = linear_probe(train_f, test_f, opts.seed)
+        figures["linear_probe_accuracy"] = float(np.mean(probe_predictions == np.asarray(test["label"])))
         print(f"linear probe accuracy: {figures['linear_probe_accuracy']:.3f}")
 
     _zero_shot(report, model, test_f, opts)
@@ -113,8 +121,9 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
         metrics = model.evaluate(test_f, output_dir=opts.output_dir)
         figures.update({k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece")})
         figures.update(per_class=metrics["per_class"], test_images=len(test_f))
+        vlm_predictions = [names.index(name) for name in metrics["predicted_labels"]]
+        figures["vlm_minus_probe"] = paired_difference(vlm_predictions, probe_predictions, test["label"])
 
-    names = train.features["label"].names
     images = [test[i]["image"] for i in range(min(opts.describe_images, len(test)))]
     truth = [names[test[i]["label"]] for i in range(len(images))]
     _describe(report, model, images, truth, names, opts.describe_max_new_tokens)
@@ -147,6 +156,7 @@ def _fine_tune(report: DemoReport, model: Any, train_f: Any, opts: DemoOptions) 
             describe_ratio=opts.describe_ratio,
             per_device_train_batch_size=opts.per_device_train_batch_size,
             label_prior=opts.label_prior,
+            compile_layers=opts.compile_layers,
             save_strategy="no",
             seed=opts.seed,
         )
@@ -210,6 +220,15 @@ def _mosaics(report: DemoReport, model: Any, opts: DemoOptions) -> None:
     report.figures.update(mosaic_cells_right=float(np.mean(named)), mosaic_examples=examples)
 
 
+def paired_points(figures: dict[str, Any]) -> str:
+    """'+0.6 (0.4) points: 7 images only the VLM gets right, 4 only the probe'."""
+    p = figures.get("vlm_minus_probe")
+    if not p:
+        return "not measured"
+    return (f"{100 * p['diff']:+.1f} ({100 * p['se']:.1f}) points: {p['only_a']} images only the VLM gets right, "
+            f"{p['only_b']} only the probe")
+
+
 def format_report(report: DemoReport) -> str:
     f = report.figures
     lines = [
@@ -219,6 +238,7 @@ def format_report(report: DemoReport) -> str:
         f"| VLM accuracy (label scoring, {f.get('test_images')} test images) | {f.get('accuracy', 0):.3f} |",
         f"| VLM macro-F1 | {f.get('macro_f1', 0):.3f} |",
         f"| linear probe accuracy (same frozen features) | {f.get('linear_probe_accuracy', 0):.3f} |",
+        f"| VLM - probe, paired on the same images (one standard error) | {paired_points(f)} |",
         f"| zero-shot accuracy (before training) | {f.get('zero_shot_accuracy', 0):.3f} |",
         f"| describe names the right class | {f.get('describe_hit_rate', 0):.3f} |",
         f"| reload gives the same predictions | {f.get('reload_same_predictions')} |",
