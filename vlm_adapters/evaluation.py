@@ -161,16 +161,15 @@ def evaluate(
     generated as `describe` does; `generation` takes its options: `max_new_tokens`, `num_beams`,
     `stop`, ...), side by side for a mixed set.
 
-    Label rows: accuracy, balanced accuracy, macro / weighted F1, per-class precision, recall
-    (= sensitivity), specificity, F1, support, ROC-AUC and PR-AUC; macro one-vs-rest `roc_auc` and
-    `pr_auc`; `ece` (15 bins); the confusion matrix; `predicted_labels` (each label row's top label, in
-    order); `coverage_accuracy` (the share of rows kept and
-    their accuracy for each `abstain_below` threshold 0, 0.05, ..., 1). Scored over the adapter's labels;
-    a label it does not know is an error. `at_specificity=0.95` adds `sensitivity_at_specificity`
-    for `positive_label` (default: the second of two labels) with the probability threshold that
-    reaches it. `metrics` are `evaluate` modules (or paths / names for `evaluate.load`) whose results
-    join the report (computed on the label rows, or on the answer rows of a set without labels).
-    With `output_dir`: confusion matrix, ROC, reliability and coverage PNGs there.
+    Label rows: accuracy, balanced accuracy, macro / weighted F1, per-class precision, recall (= sensitivity),
+    specificity, F1, support, ROC-AUC and PR-AUC; macro one-vs-rest `roc_auc` and `pr_auc`; `ece` (15 bins); the
+    confusion matrix; `predicted_labels` (each label row's top label, in order); `coverage_accuracy` (the share
+    of rows kept and their accuracy for each `abstain_below` threshold 0, 0.05, ..., 1). Scored over the adapter's
+    labels; a label it does not know is an error. `at_specificity=0.95` adds `sensitivity_at_specificity` for
+    `positive_label` (default: the second of two labels) with the probability threshold that reaches it. `metrics`
+    are `evaluate` modules (or paths / names for `evaluate.load`) whose results join the report (computed on the
+    label rows, or on the answer rows of a set without labels). With `output_dir`: confusion matrix, ROC,
+    reliability and coverage PNGs there.
 
     Each row is asked its own prompt unless `prompt` is given. `answers=False` skips the answer rows
     (the Trainer's per-evaluation metrics). With `zero_shot_baseline`, `clip_zero_shot_accuracy` is the
