@@ -5,6 +5,8 @@ What each test proves:
   rows (4 steps, random sampler, float32, equal answer-token counts) within float tolerance, which checks gradient
   synchronisation and loss normalisation; the images are encoded once, by rank 0, which writes the feature cache that
   rank 1 reads.
+- label_prior_views_are_encoded_once_by_rank_0: with the label prior on, rank 0 encodes the images and their two
+  shifted views into the cache and rank 1 reads all of them; both ranks fit the same gate.
 - each_torchrun_rank_loads_onto_its_own_gpu: with LOCAL_RANK=r on a 4-GPU machine (CUDA stubbed: none here),
   `attach`'s device is cuda:r.
 """
@@ -48,6 +50,20 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, llm_dir, v
     drift = (two - one).norm() / (one - init).norm()
     assert drift < 1e-3, f"2-process run differs from 1-process run by {drift:.2e} of the update"
     torch.testing.assert_close(two, one, rtol=0, atol=1e-4)  # the largest element of the update is ~1e-2
+
+
+def test_label_prior_views_are_encoded_once_by_rank_0(tmp_path, llm_dir, vit_dir):
+    env = dict(os.environ, OMP_NUM_THREADS="1", VLM_ADAPTERS_TEST_CACHE=str(tmp_path / "cache"))
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+         WORKER, llm_dir, vit_dir, str(tmp_path / "two"), "8", "prior"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    encoded = [json.loads((tmp_path / "two" / f"encoded-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert encoded == [48 * 3, 0]  # 48 images and their 2 shifted views each, by rank 0 only
+    gates = [json.loads((tmp_path / "two" / f"gate-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert gates[0] == gates[1]
 
 
 RANK_DEVICE = """

@@ -27,7 +27,7 @@ from .features import FEATURES_COLUMN, features_as_tensors, with_image_features
 from .metrics import LOWER_IS_BETTER, SCALAR_METRICS
 from .modeling import VisionLanguageCore
 from .plots import plot_training_curves
-from .prior_fit import can_fit_prior, fit_label_prior, hold_out_gate_rows
+from .prior_fit import can_fit_prior, fit_label_prior, hold_out_gate_rows, prior_view_features
 from .trainer import VLMTrainer
 
 # Defaults that train well here without tuning; every one can be overridden by name in fit(**options).
@@ -200,8 +200,10 @@ def fit(
         sample_labels=row_labels(train_ds) if fit_options.balanced_sampling else None,
     )
     if prior_data is not None:  # the probe, weighted as the LLM's loss was; the gate on held-out rows
+        with main_args.main_process_first(desc="encoding the label prior's views"):  # one process writes the cache
+            views = prior_view_features(model, prior_data, names, images, fit_options.prior_views)
         model.label_prior = fit_label_prior(model, prior_data, eval_ds, gate_rows, names, args["seed"], weights,
-                                            images=images, view_kinds=fit_options.prior_views)
+                                            views=views)
         result["label_prior_gate"] = float(model.label_prior.gate)
     if weights:
         result["class_weights"] = weights

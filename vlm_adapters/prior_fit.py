@@ -97,20 +97,26 @@ def hold_out_gate_rows(data: datasets.Dataset, names: Sequence[str], share: floa
     return data.select(np.setdiff1d(np.arange(len(data)), gate)), gate
 
 
+def prior_view_features(model: VisionLanguageCore, train: datasets.Dataset, names: Sequence[str],
+                        images: datasets.Dataset | None, view_kinds: Sequence[str] | None) -> np.ndarray | None:
+    """The pooled features of the views `view_kinds` (None: prior_views.py's default) of the label rows' images,
+    from `images` (`train` before its features were cached; None where rows were dropped since: no views)."""
+    rows, targets = label_rows(train, names)
+    kinds = resolve_view_kinds(view_kinds, targets)
+    same_rows = images is not None and len(images) == len(train)  # else skip_bad_images dropped rows
+    return view_features(model, images, rows, kinds) if same_rows else None
+
+
 def fit_label_prior(model: VisionLanguageCore, train: datasets.Dataset, eval_data: datasets.Dataset | None,
                     gate_rows: np.ndarray | None, names: Sequence[str], seed: int,
                     class_weight: dict[str, float] | None = None, most: int = 500,
-                    images: datasets.Dataset | None = None, view_kinds: Sequence[str] | None = None) -> LabelPrior:
-    """The probe on every label row of `train` (cached features) and, from `images` (`train` before its
-    features were cached, if no row was dropped), the views `view_kinds` of their images (None: prior_views.py's
-    default); the gate on `gate_rows` of `train` (kept out of the LLM's training) with their out-of-fold
-    probe log-probs, else on the eval split's label rows, else on at most `most` training rows (a seeded
-    draw; each costs one scoring pass of the LLM)."""
+                    views: np.ndarray | None = None) -> LabelPrior:
+    """The probe on every label row of `train` (cached features) and their `views` (`prior_view_features`);
+    the gate on `gate_rows` of `train` (kept out of the LLM's training) with their out-of-fold probe log-probs,
+    else on the eval split's label rows, else on at most `most` training rows (a seeded draw; each costs one
+    scoring pass of the LLM)."""
     rows, targets = label_rows(train, names)
     by_index = {names.index(label): w for label, w in class_weight.items()} if class_weight else None
-    kinds = resolve_view_kinds(view_kinds, targets)
-    same_rows = images is not None and len(images) == len(train)  # else skip_bad_images dropped rows: no views
-    views = view_features(model, images, rows, kinds) if same_rows else None
     prior, held_out = LabelPrior.fit(pooled_features(train, rows), targets, names, seed, by_index, views)
     prior.to(model.device)
     gate_data, picked = train, np.searchsorted(rows, gate_rows) if gate_rows is not None else None
