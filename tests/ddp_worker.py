@@ -29,9 +29,9 @@ def main() -> None:
         encoded.append(len(kwargs["pixel_values"]))
 
     model.vision.encoder.register_forward_hook(count, with_kwargs=True)
-    # Class names of equal token counts: each process averages the loss over its own answer tokens and
-    # DDP averages those means, which equals one process's mean only when the processes hold as many.
-    data = colour_dataset(16, seed=0).cast_column("label", ClassLabel(names=["cat", "dog", "bird"]))
+    # Class names of 3, 3 and 10 answer tokens: the processes hold unequal token counts, and the loss must
+    # still be the mean over the step's tokens of both (the Trainer's num_items_in_batch, modeling.forward).
+    data = colour_dataset(16, seed=0).cast_column("label", ClassLabel(names=["cat", "dog", "small brown bird"]))
     model.fit(
         data, output_dir=out_dir, max_steps=4, per_device_train_batch_size=int(per_device),
         learning_rate=5e-3, projector_lr=5e-3, save_strategy="no", disable_tqdm=True, seed=0, describe_ratio=0.0,

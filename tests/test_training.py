@@ -20,6 +20,8 @@ What each test proves:
 - two_identical_fits_give_identical_adapters: the same fit twice gives byte-identical adapter files.
 - fit_standardizes_the_projector_input_with_training_statistics: fit sets the projector's per-channel mean / scale
   from the training features, and they travel with the saved adapter.
+- gradient_accumulation_trains_as_the_full_batch: batches of 4 accumulated twice train the weights of batches of 8
+  where the micro-batches hold unequal answer-token counts (the loss is the mean over the step's tokens).
 - compiled_layers_train_as_eager_and_are_restored: `compile_layers=True` runs the decoder layers through torch.compile
   (one graph for all of them) and trains to the eager run's losses and weights; the layers are eager again after fit.
 """
@@ -240,6 +242,21 @@ def test_gradient_checkpointing_trains_lora_exactly_as_without(tmp_path, llm_dir
     assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
     for plain, recomputed in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(plain, recomputed, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_trains_as_the_full_batch(tmp_path, llm_dir, vit_dir):
+    from datasets import ClassLabel
+
+    data = colour_dataset(8, seed=0).cast_column("label", ClassLabel(names=["cat", "dog", "small brown bird"]))
+    weights = []
+    for batch, accumulate in ((8, 1), (4, 2)):
+        model = attach(vit_dir, llm_dir, compute_dtype="float32")
+        model.fit(data, output_dir=str(tmp_path / str(batch)), max_steps=3, save_strategy="no", label_prior=False,
+                  describe_ratio=0.0, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
+                  train_sampling_strategy="random", seed=0, **FAST)
+        trained = [*model.adapter_parameters, *model.projector.parameters()]
+        weights.append(torch.cat([p.detach().flatten() for p in trained]))
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-4, atol=1e-6)
 
 
 def test_compiled_layers_train_as_eager_and_are_restored(tmp_path, llm_dir, vit_dir, colours):

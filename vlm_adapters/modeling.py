@@ -46,8 +46,10 @@ def cache_argument(llm: PreTrainedModel) -> str:
 class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
     """The parts and the math. Trainable: `projector` and the PEFT adapter inside `llm`."""
 
-    # The loss is a per-batch mean; tells the Trainer not to pass num_items_in_batch or rescale it.
-    accepts_loss_kwargs = False
+    # The Trainer passes num_items_in_batch, its count of answer tokens over every process and accumulated
+    # micro-batch, and forward divides the summed token losses by it: the loss is the mean over the whole
+    # optimizer step's tokens, however unevenly they fall across processes and micro-batches.
+    accepts_loss_kwargs = True
 
     def __init__(
         self,
@@ -156,10 +158,12 @@ class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         row_weights: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **_: Any,
     ) -> CausalLMOutputWithPast:
         """With labels: mean loss over the answer tokens (+ the adapter's regulariser, if its method has one),
-        log-probs only at those positions ([num_answer_tokens, V]). `row_weights` [B] (class weights, from
+        log-probs only at those positions ([num_answer_tokens, V]); with `num_items_in_batch` (the Trainer's
+        count of the step's answer tokens) this batch's share of the step's mean. `row_weights` [B] (class weights, from
         `VLMCollator`) scale each row's token losses inside that mean, scikit-learn's sample-weight
         convention: 'balanced' weights average 1 over the training set.
 
@@ -180,8 +184,9 @@ class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
         logprobs = self.feed(embeds, cache, batch.positions[None], batch.visible, keep)[0]
         targets = batch.targets[keep]
         # plus what the PEFT method adds in its own forward (AdaLoRA's orthogonal regulariser), bypassed here
-        token_loss = -logprobs.gather(-1, targets[:, None])[:, 0]
-        loss = (token_loss * batch.weights[keep]).mean() + regularization(self.llm)
+        token_loss = -logprobs.gather(-1, targets[:, None])[:, 0] * batch.weights[keep]
+        tokens = len(keep) if num_items_in_batch is None else num_items_in_batch  # the step's answer tokens
+        loss = (token_loss.sum() + regularization(self.llm) * len(keep)) / tokens
         return CausalLMOutputWithPast(loss=loss, logits=logprobs)
 
     # ---------------------------------------------- label scores with the label prior (label_prior.py)
