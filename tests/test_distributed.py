@@ -3,8 +3,8 @@
 What each test proves:
 - two_processes_match_one_with_the_same_global_batch: 2 processes x 8 rows train the same weights as 1 process x 16
   rows (4 steps, random sampler, float32, class names of 3, 3 and 10 answer tokens, so the processes hold unequal
-  token counts) within float tolerance, which checks gradient synchronisation and loss normalisation; the images are encoded once, by rank 0, which writes the feature cache that
-  rank 1 reads.
+  token counts) within float tolerance, which checks gradient synchronisation and loss normalisation; the images are
+  encoded once, by rank 0, which writes the feature cache that rank 1 reads.
 - label_prior_views_are_encoded_once_by_rank_0: with the label prior on, rank 0 encodes the images and their two
   shifted views into the cache and rank 1 reads all of them; both ranks fit the same gate.
 - each_torchrun_rank_loads_onto_its_own_gpu: with LOCAL_RANK=r on a 4-GPU machine (CUDA stubbed: none here),
