@@ -18,6 +18,9 @@ What each test proves:
 - demo_mosaic_runs_end_to_end_on_a_few_mosaics: `demo mosaic` on 6 train / 3 test mosaics scores the trained,
   zero-shot and classification-only models and the probe, writes report.json, the PNG and its section of the
   results file (keeping the rest of that file), and prints the table.
+- train_with_a_peft_config_of_any_method: `--peft_config` (a JSON file, as PEFT writes one, even one saved for
+  inference) trains that PEFT method and the saved adapter names it; --adapter beside it, or JSON without a known
+  peft_type, is refused by name.
 - split_folder_label_map_and_attach_flags: a train/ validation/ test/ folder needs no --split (validation/ is
   the eval split of training, test/ the split `evaluate` scores), --label_map renames, flags of every kind
   (`none`, `--no_x`, numbers) reach the saved config, and TrainingArguments flags the user gives reach `fit` even
@@ -121,6 +124,29 @@ def test_train_push_evaluate_predict(tmp_path, image_folder, llm_dir, vit_dir, f
           "--output", str(csv_out), "--no_describe"])
     lines = csv_out.read_text().splitlines()
     assert lines[0] == "image,label,probability,reason,p_blue,p_green,p_red" and len(lines) == 4
+
+
+def test_train_with_a_peft_config_of_any_method(tmp_path, image_folder, llm_dir, vit_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    peft_file = tmp_path / "adapter_config.json"
+    peft_file.write_text(json.dumps({"peft_type": "IA3", "target_modules": ["q_proj", "v_proj", "down_proj"],
+                                     "feedforward_modules": ["down_proj"], "inference_mode": True}))
+    run = ["train", "--vision", vit_dir, "--llm", llm_dir, "--train", str(image_folder), "--output_dir",
+           str(tmp_path / "run"), "--max_steps", "2", "--learning_rate", "1e-2", "--save_strategy", "no",
+           "--disable_tqdm", "true", "--report_to", "none"]
+    assert main([*run, "--peft_config", str(peft_file)]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "vlm_adapter_config.json").read_text())
+    assert config["adapter"] == "peft" and config["peft_type"] == "IA3"
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    scales = load_file(adapter / "adapter_model.safetensors")  # IA3 starts at ones: trained, not frozen
+    assert scales and any(not torch.all(t == 1) for t in scales.values())
+    with pytest.raises(ValueError, match="both name the adapter"):
+        main([*run, "--peft_config", str(peft_file), "--adapter", "lora"])
+    with pytest.raises(ValueError, match="peft_type is one of .*'IA3'"):
+        main([*run, "--peft_config", '{"r": 4}'])
 
 
 def test_split_folder_label_map_and_attach_flags(tmp_path, llm_dir, vit_dir, monkeypatch):

@@ -47,6 +47,9 @@ class TrainOptions:
         "help": "eval data (a split source gives its validation, else test split); default: the train source's "
         "validation split, else a stratified 10%% of train"})
     label_map: str | None = field(default=None, metadata={"help": LABEL_MAP_HELP})
+    peft_config: str | None = field(default=None, metadata={
+        "help": "another PEFT adapter than --adapter's: its PEFT config as a JSON object with its peft_type, inline "
+        "or a file (e.g. a PEFT adapter_config.json), '{\"peft_type\": \"IA3\", ...}'; replaces --adapter"})
     push_to_hub_id: str | None = field(default=None, metadata={"help": "Hub repo id to push the adapter to"})
     with_app: bool = field(default=False, metadata={"help": "also write app.py + requirements.txt (a Gradio Space)"})
 
@@ -113,7 +116,12 @@ def cmd_train(
     else:
         train, evaluation = split_for_eval(train)
     train, evaluation = with_label_map(train, opts.label_map), with_label_map(evaluation, opts.label_map)
-    model = attach(opts.vision, opts.llm, **dataclasses.asdict(attach_opts))
+    attach_args = dataclasses.asdict(attach_opts)
+    if opts.peft_config is not None:
+        if "adapter" in given:
+            raise ValueError("--adapter and --peft_config both name the adapter; give one of them.")
+        attach_args["adapter"] = peft_config_from(opts.peft_config)
+    model = attach(opts.vision, opts.llm, **attach_args)
     if not os.path.exists(opts.train):
         model.config.dataset = opts.train  # a Hub dataset id, named in the model card
     chosen = _given_training_args(training_args, given)
@@ -124,6 +132,24 @@ def cmd_train(
     print(f"adapter saved to {adapter_dir}")
     if opts.push_to_hub_id:
         print(model.push_to_hub(opts.push_to_hub_id, with_app=opts.with_app))
+
+
+def peft_config_from(spec: str | dict[str, Any]) -> Any:
+    """A PEFT config object from JSON text, a JSON file or (in a YAML config) a mapping, built by PEFT's
+    own `get_peft_config`."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING, get_peft_config
+
+    if isinstance(spec, str):
+        text = open(spec, encoding="utf-8").read() if os.path.isfile(spec) else spec
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--peft_config is neither a JSON file nor JSON text ({err}): {text[:80]!r}") from err
+    kinds = sorted(getattr(kind, "value", kind) for kind in PEFT_TYPE_TO_CONFIG_MAPPING)
+    if not isinstance(spec, dict) or str(spec.get("peft_type", "")).upper() not in kinds:
+        raise ValueError(f"--peft_config needs a JSON object whose peft_type is one of {kinds}, e.g. "
+                         f'{{"peft_type": "IA3"}}; got {spec!r:.80}.')
+    return get_peft_config({**spec, "peft_type": spec["peft_type"].upper()})
 
 
 def cmd_serve(opts: ServeOptions) -> None:
