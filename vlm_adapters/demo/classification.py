@@ -225,7 +225,8 @@ def paired_points(figures: dict[str, Any]) -> str:
     p = figures.get("vlm_minus_probe")
     if not p:
         return "not measured"
-    return (f"{100 * p['diff']:+.1f} ({100 * p['se']:.1f}) points: {p['only_a']} images only the VLM gets right, "
+    images = "image" if p["only_a"] == 1 else "images"
+    return (f"{100 * p['diff']:+.1f} ({100 * p['se']:.1f}) points: {p['only_a']} {images} only the VLM gets right, "
             f"{p['only_b']} only the probe")
 
 
