@@ -163,9 +163,9 @@ class VisionLanguageCore(InferenceMixin, TextGenerationMixin, nn.Module):
     ) -> CausalLMOutputWithPast:
         """With labels: mean loss over the answer tokens (+ the adapter's regulariser, if its method has one),
         log-probs only at those positions ([num_answer_tokens, V]); with `num_items_in_batch` (the Trainer's
-        count of the step's answer tokens) this batch's share of the step's mean. `row_weights` [B] (class weights, from
-        `VLMCollator`) scale each row's token losses inside that mean, scikit-learn's sample-weight
-        convention: 'balanced' weights average 1 over the training set.
+        count of the step's answer tokens) this batch's share of the step's mean. `row_weights` [B] (class
+        weights, from `VLMCollator`) scale each row's token losses inside that mean, scikit-learn's
+        sample-weight convention: 'balanced' weights average 1 over the training set.
 
         The batch runs packed into one row (`packing.py`): no padding, and the tokens before the image
         (system turn + prompt) once for all rows that share them, each row attending to its own."""
