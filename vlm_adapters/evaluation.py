@@ -215,10 +215,11 @@ def _classification(
 ) -> dict[str, Any]:
     """The label rows' report (see `evaluate`); its headline numbers go on the model card."""
     report = classification_metrics(true, probs, names)
-    report["predicted_labels"] = [names[i] for i in probs.argmax(-1)]  # per label row, in the data's order
+    top = probs.argmax(-1).tolist()
+    report["predicted_labels"] = [names[i] for i in top]  # per label row, in the data's order
     if positive is not None:
         report["sensitivity_at_specificity"] = sensitivity_at_specificity(true, probs, positive, at_specificity, names)
-    report.update(module_results(metrics, probs.argmax(-1).tolist(), true, probs))
+    report.update(module_results(metrics, top, true, probs))
     if output_dir:
         report.update(_plots(true, probs, report, output_dir))
     card = {k: report[k] for k in CARD_METRICS if report[k] is not None}
