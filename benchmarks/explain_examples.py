@@ -60,7 +60,7 @@ def main() -> None:
     import torch
 
     from vlm_adapters import load
-    from vlm_adapters.demo.assets import efficientnet_lite0, fashion_mnist
+    from vlm_adapters.demo.assets import fashion_mnist
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="runs/demo/adapter")
@@ -68,8 +68,7 @@ def main() -> None:
     parser.add_argument("--picks", default="0,1,3,5,7,9", help="test images to explain (one per class drawn)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    encoder, processor = efficientnet_lite0()  # the demo attaches the encoder as an in-memory module
-    model = load(args.adapter, vision=encoder, image_processor=processor)
+    model = load(args.adapter)  # the demo's adapter names both its bases
     test = fashion_mnist("test", per_class=1, seed=0)
     rows = [test[int(i)] for i in args.picks.split(",")]
     explanations, captions = [], []

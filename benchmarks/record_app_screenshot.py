@@ -18,7 +18,7 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 from vlm_adapters import load  # noqa: E402
 from vlm_adapters.app import build_app  # noqa: E402
-from vlm_adapters.demo.assets import efficientnet_lite0, fashion_mnist  # noqa: E402
+from vlm_adapters.demo.assets import fashion_mnist  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
@@ -33,8 +33,7 @@ def main() -> None:
     parser.add_argument("--abstain_below", default="0.9")
     args = parser.parse_args()
 
-    encoder, processor = efficientnet_lite0()  # the demo attaches the encoder as an in-memory module
-    model = load(args.adapter, vision=encoder, image_processor=processor)
+    model = load(args.adapter)  # the demo's adapter names both its bases
     test = fashion_mnist("test", per_class=1, seed=0)
     demo = build_app(model, title="Fashion-MNIST adapter (vlm_adapters demo)")
     demo.queue().launch(prevent_thread_lock=True, server_port=None, quiet=True)

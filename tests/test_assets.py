@@ -16,6 +16,9 @@ What each test proves:
 - efficientnet_lite0_normalisation_is_x_minus_127_over_128: the processor computes (x - 127) / 128 exactly.
 - efficientnet_lite0_recognises_a_cat: ImageNet top-1 on a real photo is a cat: the weights and normalisation are the
   real ones.
+- packaged_encoder_is_named_in_the_adapter: `attach("vlm_adapters:efficientnet-lite0", ...)` records that name, so the
+  adapter reloads from its folder alone with the same probabilities; its cached features are the in-memory module's;
+  an unknown name is refused with the names known.
 - smollm2_instruct_folder_loads_offline: the converted folder loads in transformers, has the chat template and EOS,
   and scores English far above chance.
 - smollm2_instruct_reuses_cache: a second call returns the cached folder without converting again.
@@ -36,13 +39,16 @@ import torch
 from conftest import needs_fashion_mnist
 from PIL import Image
 
+from vlm_adapters import attach, load
 from vlm_adapters.demo import assets
 from vlm_adapters.demo.assets import (
+    EFFICIENTNET_LITE0,
     FASHION_MNIST_LABELS,
     efficientnet_lite0,
     fashion_mnist,
     smollm2_instruct,
 )
+from vlm_adapters.features import vision_fingerprint
 from vlm_adapters.files import write_folder_atomically
 
 
@@ -141,6 +147,19 @@ def test_efficientnet_lite0_normalisation_is_x_minus_127_over_128(tmp_path) -> N
     out = processor(images=Image.fromarray(array), do_resize=False, return_tensors="pt")["pixel_values"][0]
     expected = (torch.from_numpy(array).permute(2, 0, 1).double() - 127) / 128
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_packaged_encoder_is_named_in_the_adapter(llm_dir, tmp_path) -> None:
+    model = attach(EFFICIENTNET_LITE0, llm_dir, num_image_tokens=4)
+    assert model.config.vision == EFFICIENTNET_LITE0
+    images, labels = [Image.new("L", (28, 28), 200), Image.new("RGB", (40, 30), (10, 120, 250))], ["shirt", "bag"]
+    reloaded = load(model.save_pretrained(str(tmp_path / "adapter")))  # no vision= / image_processor=
+    assert reloaded.classify(images, labels) == model.classify(images, labels)
+    encoder, processor = efficientnet_lite0()
+    in_memory = attach(encoder, llm_dir, image_processor=processor, num_image_tokens=4)
+    assert vision_fingerprint(model.vision) == vision_fingerprint(in_memory.vision)
+    with pytest.raises(ValueError, match=r"unknown packaged encoder 'vlm_adapters:resnet'.*efficientnet-lite0"):
+        attach("vlm_adapters:resnet", llm_dir)
 
 
 def test_efficientnet_lite0_recognises_a_cat(tmp_path) -> None:

@@ -14,7 +14,7 @@ What each test proves:
 - demo_runs_end_to_end_on_a_few_images: `demo` on 2 + 1 images per class runs every phase and writes the report, the
   adapter, the confusion matrix; the reloaded adapter predicts the same; the scores are on the test images; its
   short mosaic stage captions and answers test mosaics; the VLM - probe difference is paired on the test images; the
-  adapter keeps the demo's dequantize="once".
+  adapter keeps the demo's dequantize="once" and names its packaged encoder, so `predict` loads it from its folder.
 - demo_mosaic_runs_end_to_end_on_a_few_mosaics: `demo mosaic` on 6 train / 3 test mosaics scores the trained,
   zero-shot and classification-only models and the probe, writes report.json, the PNG and its section of the
   results file (keeping the rest of that file), and prints the table.
@@ -48,7 +48,7 @@ from conftest import COLOURS, colour_image, needs_fashion_mnist, uploaded_files
 
 from vlm_adapters import attach, load
 from vlm_adapters.cli import COMMANDS, main
-from vlm_adapters.demo.assets import FASHION_MNIST_LABELS
+from vlm_adapters.demo.assets import EFFICIENTNET_LITE0, FASHION_MNIST_LABELS, fashion_mnist
 from vlm_adapters.sources import load_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,6 +307,13 @@ def test_demo_runs_end_to_end_on_a_few_images(tmp_path, capsys):
     assert (out / "confusion_matrix.png").exists() and (out / "roc_curve.png").exists()
     saved = json.loads((out / "adapter" / "vlm_adapter_config.json").read_text())
     assert saved["dequantize"] == "once"  # the demo keeps compute-dtype copies of its 4-bit weights
+    assert saved["vision"] == EFFICIENTNET_LITE0  # so the command line loads the adapter from its folder alone
+    shirt = tmp_path / "shirt.png"
+    fashion_mnist("test", per_class=1, seed=0)[6]["image"].save(shirt)
+    assert main(["predict", "--adapter", str(out / "adapter"), "--images", str(shirt), "--output",
+                 str(tmp_path / "predicted.jsonl"), "--no_describe"]) == 0
+    predicted = json.loads((tmp_path / "predicted.jsonl").read_text())
+    assert predicted["label"] in FASHION_MNIST_LABELS
     assert len(figures["mosaic_examples"]) == 2 and all(e["caption"] for e in figures["mosaic_examples"])
     assert 0 <= figures["mosaic_cells_right"] <= 1 and "mosaics: caption + worked answers" in report["phases_s"]
     assert "| VLM accuracy (label scoring, 10 test images) |" in capsys.readouterr().out

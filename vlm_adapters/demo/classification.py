@@ -23,7 +23,7 @@ from ..builder import attach, load
 from ..features import FEATURES_COLUMN, with_image_features
 from ..label_prior import probe_pipeline
 from ..metrics import paired_difference
-from .assets import efficientnet_lite0, fashion_mnist, smollm2_instruct
+from .assets import EFFICIENTNET_LITE0, fashion_mnist, smollm2_instruct
 from .mosaic_data import build_mosaics, caption, parse_answer, parse_caption, task_rows
 
 
@@ -95,11 +95,10 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
     os.makedirs(opts.output_dir, exist_ok=True)
 
     with phase(report, "setup (assets)"):
-        encoder, processor = efficientnet_lite0()
         train = fashion_mnist("train", per_class=opts.train_per_class, seed=opts.seed)
         test = fashion_mnist("test", per_class=opts.test_per_class, seed=opts.seed)
         model = attach(
-            encoder, smollm2_instruct(), image_processor=processor, adapter="lora", quantization="nf4",
+            EFFICIENTNET_LITE0, smollm2_instruct(), adapter="lora", quantization="nf4",
             num_image_tokens=opts.num_image_tokens, system_prompt=opts.system_prompt, seed=opts.seed,
             compute_dtype=opts.compute_dtype, dequantize=opts.dequantize,
         )
@@ -127,7 +126,7 @@ def run_demo(options: DemoOptions | None = None) -> DemoReport:
     images = [test[i]["image"] for i in range(min(opts.describe_images, len(test)))]
     truth = [names[test[i]["label"]] for i in range(len(images))]
     _describe(report, model, images, truth, names, opts.describe_max_new_tokens)
-    _save_and_reload(report, model, images[:8], names, encoder, processor, opts)
+    _save_and_reload(report, model, images[:8], names, opts)
     if opts.mosaic_train:
         _mosaics(report, model, opts)
     figures["peak_rss_gb"] = round(peak_rss_gb(), 2)
@@ -176,12 +175,11 @@ def _describe(
         report.figures["classify_examples"] = [{"label": n, "top3": t} for n, t in zip(truth[:3], top3)]
 
 
-def _save_and_reload(
-    report: DemoReport, model: Any, check: list[Any], names: list[str], encoder: Any, processor: Any, opts: DemoOptions
-) -> None:
+def _save_and_reload(report: DemoReport, model: Any, check: list[Any], names: list[str], opts: DemoOptions) -> None:
+    """The adapter reloads from its folder alone (its config names both bases), as `vlm-adapters predict` loads it."""
     with phase(report, "save + reload"):
         adapter_dir = model.save_pretrained(os.path.join(opts.output_dir, "adapter"))
-        reloaded = load(adapter_dir, vision=encoder, image_processor=processor)
+        reloaded = load(adapter_dir)
         before = [max(p, key=p.get) for p in model.classify(check, names)]
         after = [max(p, key=p.get) for p in reloaded.classify(check, names)]
         report.figures["reload_same_predictions"] = before == after
