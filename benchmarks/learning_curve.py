@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vlm_adapters import attach  # noqa: E402
-from vlm_adapters.demo.assets import efficientnet_lite0, fashion_mnist, smollm2_instruct  # noqa: E402
-from vlm_adapters.features import FEATURES_COLUMN, with_image_features  # noqa: E402
+from vlm_adapters.demo.assets import EFFICIENTNET_LITE0, fashion_mnist, smollm2_instruct  # noqa: E402
+from vlm_adapters.demo.classification import mean_pooled  # noqa: E402
+from vlm_adapters.features import with_image_features  # noqa: E402
 
 SYSTEM_PROMPT = "You classify images."  # as the demo attaches the model
 START, END = "<!-- learning-curve:start -->", "<!-- learning-curve:end -->"
@@ -62,12 +63,6 @@ def union_of(sets: list[datasets.Dataset]) -> tuple[datasets.Dataset, list[list[
     return union, index
 
 
-def pooled(features: datasets.Dataset, chunk: int = 512) -> np.ndarray:
-    """Mean over tokens of every row's cached features: the probe's input."""
-    table = features.with_format("numpy", columns=[FEATURES_COLUMN])
-    return np.concatenate([table[i : i + chunk][FEATURES_COLUMN].mean(axis=1) for i in range(0, len(table), chunk)])
-
-
 def probe_accuracy(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, seed: int) -> float:
     """The demo's `linear_probe` on pooled features."""
     from vlm_adapters.label_prior import probe_pipeline
@@ -77,9 +72,8 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.
 
 
 def attach_model(seed: int, compute_dtype: str, extra: dict[str, Any]) -> Any:
-    encoder, processor = efficientnet_lite0()
     options = dict(num_image_tokens=16, system_prompt=SYSTEM_PROMPT, compute_dtype=compute_dtype, **extra)
-    return attach(encoder, smollm2_instruct(), image_processor=processor, seed=seed, **options)
+    return attach(EFFICIENTNET_LITE0, smollm2_instruct(), seed=seed, **options)
 
 
 def run_one(
@@ -124,6 +118,8 @@ def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["paired"] = mean_se([r["vlm"] - r["probe"] for r in runs])
         for key in ("vlm", "probe"):
             row[key] = mean_se([r[key] for r in runs])
+        row["options"] = sorted({f"--{kind} {r[f'{kind}_options']}" for r in runs for kind in ("attach", "fit")
+                                 if json.loads(r.get(f"{kind}_options", "{}"))})
         zero_shot = [r["zero_shot"] for r in records if "zero_shot" in r and r["compute_dtype"] == dtype]
         row["zero_shot"] = mean_se(zero_shot) if zero_shot else None
         rows.append(row)
@@ -179,6 +175,8 @@ def write_section(args: argparse.Namespace, rows: list[dict[str, Any]], test_siz
     plot(rows, png)
     command = "python benchmarks/learning_curve.py " + " ".join(sys.argv[1:])
     took = f" ({total_s / 60:.0f} min)" if total_s == total_s else " (the runs of that file)"
+    options = [f"{r['dtype']} at {r['size']} per class: `{'`, `'.join(r['options'])}`" for r in rows if r["options"]]
+    ran_with = f" Runs with options other than the defaults: {'; '.join(options)}." if options else ""
     section = "\n".join([
         START,
         "## Learning curve",
@@ -187,7 +185,7 @@ def write_section(args: argparse.Namespace, rows: list[dict[str, Any]], test_siz
         f"per_class=n, seed=s)` for seeds {args.seeds}; the same {test_size} t10k test images for every run. Mean "
         "+- one standard error over the seeds (a row of one seed shows its value alone); the probe is the demo's "
         "(standardised mean-pooled features, logistic regression). Compute dtype: the table's column. Command: "
-        f"`{command}`{took}.",
+        f"`{command}`{took}.{ran_with}",
         "",
         table(rows),
         "",
@@ -230,7 +228,7 @@ def main() -> None:
     vision = attach_model(0, args.compute_dtype, json.loads(args.attach))
     features = with_image_features(union, vision.vision, token_shape=vision.feature_shape)
     del vision
-    x, y = pooled(features), np.asarray(features["label"])
+    x, y = mean_pooled(features), np.asarray(features["label"])
     test_f = features.select(index[0])
     records, seen = [], set()
     for (size, seed), rows in zip(plan, index[1:]):
@@ -241,11 +239,12 @@ def main() -> None:
         record = run_one(args, train, test_f, size, seed, zero_shot=seed not in seen and not args.no_zero_shot)
         seen.add(seed)
         record["probe"] = probe_accuracy(x[rows], y[rows], x[index[0]], y[index[0]], seed)
+        record.update(fit_options=args.fit, attach_options=args.attach)
         records.append(record)
         print(json.dumps(record), flush=True)
         if args.json:
             with open(args.json, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({**record, "fit_options": args.fit, "attach_options": args.attach}) + "\n")
+                fh.write(json.dumps(record) + "\n")
     rows = summary(records)
     print(table(rows))
     write_section(args, rows, len(index[0]), time.perf_counter() - begin)

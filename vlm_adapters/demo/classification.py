@@ -76,15 +76,19 @@ def phase(report: DemoReport, name: str) -> Iterator[None]:
     report.phases_s[name] = round(time.perf_counter() - start, 1)
 
 
+def mean_pooled(features: Any, chunk: int = 512) -> np.ndarray:
+    """[N, C] each row's cached features averaged over its tokens (float32): the probe's input. Chunk by
+    chunk, so thousands of rows never sit in memory as tokens at once."""
+    table = features.with_format("numpy", columns=[FEATURES_COLUMN])
+    return np.concatenate([table[i : i + chunk][FEATURES_COLUMN].mean(axis=1) for i in range(0, len(table), chunk)])
+
+
 def linear_probe(train: Any, test: Any, seed: int) -> np.ndarray:
     """Logistic regression on mean-pooled frozen features, the floor the VLM has to reach: its
     predicted label index for each test row."""
-    def pooled(ds: Any) -> np.ndarray:
-        return np.asarray(ds.with_format("numpy")[FEATURES_COLUMN]).mean(axis=1)
-
     probe = probe_pipeline(seed)
-    probe.fit(pooled(train), np.asarray(train["label"]))
-    return probe.predict(pooled(test))
+    probe.fit(mean_pooled(train), np.asarray(train["label"]))
+    return probe.predict(mean_pooled(test))
 
 
 def run_demo(options: DemoOptions | None = None) -> DemoReport:
