@@ -17,7 +17,8 @@ What each test proves:
 - efficientnet_lite0_recognises_a_cat: ImageNet top-1 on a real photo is a cat: the weights and normalisation are the
   real ones.
 - packaged_encoder_is_named_in_the_adapter: `attach("vlm_adapters:efficientnet-lite0", ...)` records that name, so the
-  adapter reloads from its folder alone with the same probabilities; its cached features are the in-memory module's;
+  adapter reloads from its folder alone with the same probabilities (its card names no base_model, not a Hub id);
+  its cached features are the in-memory module's;
   an unknown name is refused with the names known.
 - smollm2_instruct_folder_loads_offline: the converted folder loads in transformers, has the chat template and EOS,
   and scores English far above chance.
@@ -37,6 +38,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import needs_fashion_mnist
+from huggingface_hub import ModelCard
 from PIL import Image
 
 from vlm_adapters import attach, load
@@ -154,6 +156,7 @@ def test_packaged_encoder_is_named_in_the_adapter(llm_dir, tmp_path) -> None:
     assert model.config.vision == EFFICIENTNET_LITE0
     images, labels = [Image.new("L", (28, 28), 200), Image.new("RGB", (40, 30), (10, 120, 250))], ["shirt", "bag"]
     reloaded = load(model.save_pretrained(str(tmp_path / "adapter")))  # no vision= / image_processor=
+    assert ModelCard.load(str(tmp_path / "adapter" / "README.md")).data.base_model is None  # not a Hub id
     assert reloaded.classify(images, labels) == model.classify(images, labels)
     encoder, processor = efficientnet_lite0()
     in_memory = attach(encoder, llm_dir, image_processor=processor, num_image_tokens=4)

@@ -25,6 +25,7 @@ from .config import CONFIG_NAME, AdapterConfig
 from .files import write_folder_atomically
 from .label_prior import PRIOR_FILE, load_prior, save_prior
 from .modeling import VisionLanguageCore
+from .vision import PACKAGED_PREFIX
 
 PROJECTOR_FILE = "projector.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -131,7 +132,8 @@ def model_card(model: VisionLanguageCore, repo_id: str, with_app: bool = False) 
     """huggingface_hub's ModelCard: Hub metadata (bases, dataset, task, metrics) + usage with `repo_id`."""
     config = model.config
     metrics: dict[str, Any] = getattr(model, "metrics", {}) or {}
-    bases = [name for name in (config.llm, config.vision) if name and not os.path.isabs(name)]
+    # base_model names Hub models only (the Hub checks card metadata on push): no local path, no packaged name
+    bases = [n for n in (config.llm, config.vision) if n and not os.path.isabs(n) and not n.startswith(PACKAGED_PREFIX)]
     method = (config.peft_type or config.adapter).lower()  # e.g. "lora", "prefix", "adalora"
     data = ModelCardData(
         library_name="vlm_adapters",
