@@ -181,7 +181,8 @@ def write_section(args: argparse.Namespace, rows: list[dict[str, Any]], test_siz
         START,
         "## Learning curve",
         "",
-        f"`attach(...)` as the demo does, then `fit(train)` with default options, on `fashion_mnist('train', "
+        "`attach(...)` with the demo's parts and 16 image tokens (the curve's, fixed; the demo now uses 4), then "
+        f"`fit(train)` with default options, on `fashion_mnist('train', "
         f"per_class=n, seed=s)` for seeds {args.seeds}; the same {test_size} t10k test images for every run. Mean "
         "+- one standard error over the seeds (a row of one seed shows its value alone); the probe is the demo's "
         "(standardised mean-pooled features, logistic regression). Compute dtype: the table's column. Command: "

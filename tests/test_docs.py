@@ -5,13 +5,17 @@ What each test proves:
 - docs_build_strict: `mkdocs build --strict` succeeds.
 - readme_opens_with_the_two_commands: the README opens with the main command and the test command.
 - ruff_clean: `ruff check` passes on the repository.
+- demo_record_has_the_demo_defaults: the record atop docs/results.md ran with `DemoOptions`' defaults, so
+  changing a default without recording the demo again fails.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,3 +40,12 @@ def test_readme_opens_with_the_two_commands():
 def test_ruff_clean():
     done = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:]
+
+
+def test_demo_record_has_the_demo_defaults():
+    from vlm_adapters.demo import DemoOptions
+
+    with open(os.path.join(ROOT, "docs", "results.md"), encoding="utf-8") as fh:
+        record = fh.read().split("<!-- demo-record:end -->")[0]
+    options = next(line for line in record.splitlines() if line.startswith("- options: `"))
+    assert ast.literal_eval(options.removeprefix("- options: `").rstrip("`")) == asdict(DemoOptions())

@@ -52,7 +52,7 @@ class DemoOptions:
     # parameters, a few hundred MB) so no pass dequantizes again; docs/results.md has its fine-tune time.
     dequantize: str = "once"
     compile_layers: bool = False  # fit's torch.compile of the decoder layers (docs/benchmarks.md, section 1)
-    # fit's label prior (label_prior.py); docs/results.md has the demo with it on (0.868) and off (0.852).
+    # fit's label prior (label_prior.py); docs/results.md has the demo with it on and off.
     label_prior: bool = True
     mosaic_train: int = 200
     mosaic_questions: int = 2  # per training mosaic, worked answers (mosaic_data.worked_answer)
