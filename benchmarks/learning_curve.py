@@ -33,10 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vlm_adapters import attach  # noqa: E402
 from vlm_adapters.demo.assets import EFFICIENTNET_LITE0, fashion_mnist, smollm2_instruct  # noqa: E402
-from vlm_adapters.demo.classification import mean_pooled  # noqa: E402
+from vlm_adapters.demo.classification import DemoOptions, mean_pooled  # noqa: E402
 from vlm_adapters.features import with_image_features  # noqa: E402
 
 SYSTEM_PROMPT = "You classify images."  # as the demo attaches the model
+IMAGE_TOKENS = 16  # fixed, so the recorded runs stay comparable whatever the demo uses
 START, END = "<!-- learning-curve:start -->", "<!-- learning-curve:end -->"
 
 
@@ -72,7 +73,7 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.
 
 
 def attach_model(seed: int, compute_dtype: str, extra: dict[str, Any]) -> Any:
-    options = dict(num_image_tokens=16, system_prompt=SYSTEM_PROMPT, compute_dtype=compute_dtype, **extra)
+    options = dict(num_image_tokens=IMAGE_TOKENS, system_prompt=SYSTEM_PROMPT, compute_dtype=compute_dtype, **extra)
     return attach(EFFICIENTNET_LITE0, smollm2_instruct(), seed=seed, **options)
 
 
@@ -181,7 +182,8 @@ def write_section(args: argparse.Namespace, rows: list[dict[str, Any]], test_siz
         START,
         "## Learning curve",
         "",
-        "`attach(...)` with the demo's parts and 16 image tokens (the curve's, fixed; the demo now uses 4), then "
+        f"`attach(...)` with the demo's parts and {IMAGE_TOKENS} image tokens (the curve's, fixed; the demo now "
+        f"uses {DemoOptions().num_image_tokens}), then "
         f"`fit(train)` with default options, on `fashion_mnist('train', "
         f"per_class=n, seed=s)` for seeds {args.seeds}; the same {test_size} t10k test images for every run. Mean "
         "+- one standard error over the seeds (a row of one seed shows its value alone); the probe is the demo's "
